@@ -1,0 +1,48 @@
+# qclip: the README's commands. Everything installs into .venv on first use.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.qclip-installed
+RUNS ?= runs
+# papermill parameters for `make pretrain`, e.g. make pretrain ARGS="-p steps 50"
+ARGS ?=
+
+.PHONY: help install pretrain test lab export clean-nbs nbtest pytest
+
+help:
+	@echo "make pretrain   CLIP pretraining on the built-in synth-datacompdr dataset (papermill nbs/10_pretrain.ipynb)"
+	@echo "make test       every test: notebooks in step with qclip/, nbdev_test, pytest"
+	@echo "make lab        JupyterLab on nbs/ with the qclip kernel registered"
+
+$(STAMP): setup.py settings.ini
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q -U pip 'setuptools<81' wheel
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+pretrain: $(STAMP)
+	mkdir -p $(RUNS)/pretrain
+	$(BIN)/papermill nbs/10_pretrain.ipynb $(RUNS)/pretrain/10_pretrain.ipynb -p out_dir $(abspath $(RUNS))/pretrain $(ARGS)
+
+# The notebooks are the source: exporting must leave qclip/ unchanged.
+export: $(STAMP)
+	$(BIN)/nbdev_export
+	@git diff --quiet -- qclip || { echo "qclip/ is out of step with nbs/: run nbdev_export and commit"; git --no-pager diff --stat -- qclip; exit 1; }
+
+nbtest: $(STAMP)
+	$(BIN)/nbdev_test --n_workers 2
+
+pytest: $(STAMP)
+	$(BIN)/python -m pytest -q tests
+
+test: export nbtest pytest
+
+clean-nbs: $(STAMP)
+	$(BIN)/nbdev_clean
+
+lab: $(STAMP)
+	$(BIN)/python -m ipykernel install --sys-prefix --name qclip --display-name "qclip (.venv)"
+	$(BIN)/jupyter lab --notebook-dir nbs
