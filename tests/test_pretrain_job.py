@@ -1,0 +1,74 @@
+"The main job as users run it: papermill on nbs/10_pretrain.ipynb, and the qclip_pretrain command."
+import json, os, signal, subprocess, sys, time
+from pathlib import Path
+import papermill as pm, pytest, torch, yaml
+from safetensors.torch import load_file
+
+NB = Path(__file__).parents[1]/'nbs'/'10_pretrain.ipynb'
+TINY = dict(steps=6, batch_size=16, warmup=2, log_every=2, eval_every=3, ckpt_every=3, synth_n=256, val_images=64, workers=0)
+
+def _run(tmp_path, **params):
+    return pm.execute_notebook(str(NB), str(tmp_path/'out.ipynb'), parameters=params, kernel_name='python3',
+                               progress_bar=False, cwd=str(tmp_path))
+
+def test_papermill_run_writes_outputs(tmp_path):
+    out = tmp_path/'run'
+    _run(tmp_path, out_dir=str(out), **TINY)
+    assert {'params.yaml', 'metrics.jsonl', 'metrics.png', 'checkpoint.pt', 'model.safetensors', 'results.json'} <= {p.name for p in out.iterdir()}
+    p = yaml.safe_load((out/'params.yaml').read_text())
+    assert p['steps'] == 6 and p['dataset'] == 'synth-datacompdr' and p['caption_source'] == 'gt+syn'
+    rows = [json.loads(l) for l in (out/'metrics.jsonl').read_text().splitlines()]
+    assert [r['step'] for r in rows] == [2, 3, 4, 6] and 'val_i2t_r1' in rows[-1]
+    # the final weights are an open_clip state dict
+    import open_clip, qclip.models  # registers qclip's configs
+    m = open_clip.create_model('tiny-vit', pretrained=str(out/'model.safetensors'))
+    torch.testing.assert_close(m.state_dict()['logit_scale'], load_file(out/'model.safetensors')['logit_scale'])
+
+@pytest.mark.parametrize('params,message', [
+    (dict(model='ViT-X'), "unknown model='ViT-X'"),
+    (dict(dataset='laion'), "unknown dataset='laion'"),
+    (dict(caption_source='both'), "caption_source='both' is not valid; expected one of: gt, syn, gt+syn"),
+    (dict(steps=0), 'steps=0 is not valid; expected a positive integer'),
+    (dict(batch_size=-1), 'batch_size=-1 is not valid'),
+    (dict(dataset='datacompdr', data_root='/nonexistent/shards'), "no webdataset shards (*.tar, or train/*.tar) found at '/nonexistent/shards'"),
+])
+def test_bad_input_fails_fast(tmp_path, params, message):
+    t0 = time.perf_counter()
+    with pytest.raises(pm.PapermillExecutionError) as e: _run(tmp_path, out_dir=str(tmp_path/'run'), **params)
+    assert message in str(e.value)
+    assert time.perf_counter() - t0 < 60
+    assert not (tmp_path/'run'/'checkpoint.pt').exists()
+
+def test_missing_data_says_how_to_run_builtin(tmp_path, monkeypatch):
+    monkeypatch.setenv('QCLIP_DATA', str(tmp_path/'data'))
+    with pytest.raises(pm.PapermillExecutionError) as e: _run(tmp_path, dataset='datacomp', caption_source='gt', out_dir=str(tmp_path/'run'))
+    assert str(tmp_path/'data'/'datacomp') in str(e.value) and '-p dataset synth-datacomp' in str(e.value)
+
+def _cli(out, **kw):
+    args = [f'{k}={v}' for k, v in {**TINY, 'steps': 12, 'ckpt_every': 4, 'eval_every': 100, 'out_dir': str(out), **kw}.items()]
+    return [str(Path(sys.executable).with_name('qclip_pretrain')), *args]
+
+def test_sigkill_then_resume_matches_uninterrupted(tmp_path):
+    "A run killed with SIGKILL mid-chunk and resumed ends with the same weights as an uninterrupted one."
+    env = {**os.environ, 'OMP_NUM_THREADS': '1'}
+    subprocess.run(_cli(tmp_path/'a'), check=True, env=env, capture_output=True, timeout=600)
+    proc = subprocess.Popen(_cli(tmp_path/'b'), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log, deadline = tmp_path/'b'/'metrics.jsonl', time.time() + 300
+    while time.time() < deadline:  # kill between checkpoints: after step 6 is logged, before step 8's checkpoint
+        steps = [json.loads(l)['step'] for l in log.read_text().splitlines()] if log.exists() else []
+        if steps and steps[-1] >= 6: break
+        assert proc.poll() is None, 'run ended before it could be killed'
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL); proc.wait()
+    assert torch.load(tmp_path/'b'/'checkpoint.pt', weights_only=True)['step'] == 4
+    assert not (tmp_path/'b'/'model.safetensors').exists()
+    subprocess.run(_cli(tmp_path/'b'), check=True, env=env, capture_output=True, timeout=600)
+    a, b = load_file(tmp_path/'a'/'model.safetensors'), load_file(tmp_path/'b'/'model.safetensors')
+    assert a.keys() == b.keys()
+    for k in a: assert torch.equal(a[k], b[k]), k
+    ra = [json.loads(l) for l in (tmp_path/'a'/'metrics.jsonl').read_text().splitlines()]
+    rb = [json.loads(l) for l in (tmp_path/'b'/'metrics.jsonl').read_text().splitlines()]
+    assert [r['step'] for r in ra] == [r['step'] for r in rb]
+    assert [r['loss'] for r in ra] == [r['loss'] for r in rb]
+    # and the run never wrote anything half-way: no temporaries left in the folder
+    assert not [p for p in (tmp_path/'b').iterdir() if p.name.startswith('.')]
