@@ -8,7 +8,7 @@ RUNS ?= runs
 # papermill parameters for `make pretrain`, e.g. make pretrain ARGS="-p steps 50"
 ARGS ?=
 
-.PHONY: help install pretrain test lab export clean-nbs nbtest pytest
+.PHONY: help install pretrain test lab export readme clean-nbs nbtest pytest
 
 help:
 	@echo "make pretrain   CLIP pretraining on the built-in synth-datacompdr dataset (papermill nbs/10_pretrain.ipynb)"
@@ -27,10 +27,15 @@ pretrain: $(STAMP)
 	mkdir -p $(RUNS)/pretrain
 	$(BIN)/papermill nbs/10_pretrain.ipynb $(RUNS)/pretrain/10_pretrain.ipynb -p out_dir $(abspath $(RUNS))/pretrain $(ARGS)
 
-# The notebooks are the source: exporting must leave qclip/ unchanged.
+# The notebooks are the source: exporting must leave qclip/ and README.md unchanged.
 export: $(STAMP)
 	$(BIN)/nbdev_export
-	@git diff --quiet -- qclip || { echo "qclip/ is out of step with nbs/: run nbdev_export and commit"; git --no-pager diff --stat -- qclip; exit 1; }
+	$(MAKE) --no-print-directory readme
+	@git diff --quiet -- qclip README.md || { echo "qclip/ or README.md is out of step with nbs/: run make export and commit"; git --no-pager diff --stat -- qclip README.md; exit 1; }
+
+# README.md is nbs/index.ipynb as markdown (nbdev_readme needs Quarto, which these machines cannot install)
+readme: $(STAMP)
+	$(BIN)/jupyter nbconvert --to markdown --stdout nbs/index.ipynb 2>/dev/null > README.md.tmp && mv README.md.tmp README.md
 
 nbtest: $(STAMP)
 	$(BIN)/nbdev_test --n_workers 2
