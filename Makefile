@@ -7,6 +7,8 @@ STAMP := $(VENV)/.qclip-installed
 RUNS ?= runs
 # papermill parameters for `make pretrain`, e.g. make pretrain ARGS="-p steps 50"
 ARGS ?=
+# extra JupyterLab options, e.g. make lab LAB_ARGS="--no-browser --port 8899"
+LAB_ARGS ?=
 
 .PHONY: help install pretrain test lab export readme clean-nbs nbtest pytest
 
@@ -50,4 +52,4 @@ clean-nbs: $(STAMP)
 
 lab: $(STAMP)
 	$(BIN)/python -m ipykernel install --sys-prefix --name qclip --display-name "qclip (.venv)"
-	$(BIN)/jupyter lab --notebook-dir nbs
+	$(BIN)/jupyter lab --notebook-dir nbs $(if $(filter 0,$(shell id -u)),--allow-root) $(LAB_ARGS)
