@@ -14,7 +14,8 @@ from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
 # %% auto #0
 __all__ = ['LAUNCH_ENV', 'first_host', 'dist_env', 'rank_world', 'init_distributed', 'barrier', 'all_reduce_mean', 'unwrap',
-           'spawnable', 'RankFailedError', 'launch', 'probe', 'launch_request', 'requested_world_size']
+           'spawnable', 'RankFailedError', 'launch', 'probe', 'launch_request', 'requested_world_size', 'fsdp_wrap',
+           'is_fsdp', 'clip_grad_norm_', 'full_state', 'load_full_state']
 
 # %% ../nbs/07_distributed.ipynb #eea82678
 def first_host(nodelist:str)->str:
@@ -169,3 +170,78 @@ def requested_world_size(env:Mapping[str, str]|None=None)->int:
     "World size the job will run at: a launch request's, else the environment's."
     req = launch_request(env)
     return req.get('nproc_per_node', 1) * req.get('nnodes', 1) if req else dist_env(env)['world_size']
+
+# %% ../nbs/07_distributed.ipynb #ebd36159
+def _units(model:nn.Module)->list[nn.Module]:
+    "The repeated blocks / stages of a model: each becomes one FSDP unit."
+    out = []
+    for name, m in model.named_modules():
+        if isinstance(m, (nn.ModuleList, nn.Sequential)) and name.split('.')[-1] in ('resblocks', 'blocks', 'stages', 'layers'):
+            out += [c for c in m.children() if any(True for _ in c.parameters())]
+    return out
+
+def fsdp_wrap(model:nn.Module, encode_methods=('encode_image', 'encode_text'))->nn.Module:
+    "Shard `model` in place with FSDP2: blocks, then the root; 0-d parameters stay replicated (gradient averaged)."
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+    units = _units(model)
+    if not units: raise ValueError(f"fsdp_wrap: found no blocks (resblocks/blocks/stages/layers) in {type(model).__name__} to shard")
+    for u in units: fully_shard(u)
+    scalars = {p for p in model.parameters() if p.ndim == 0}
+    fully_shard(model, ignored_params=scalars or None)
+    world = dist.get_world_size()
+    for p in scalars:
+        def _avg(p):
+            if p.grad is not None: dist.all_reduce(p.grad); p.grad.div_(world)
+        p.register_post_accumulate_grad_hook(_avg)
+    for m in encode_methods:  # CLIP's encode_* run outside forward(): FSDP must gather the root's parameters for them too
+        if hasattr(model, m): register_fsdp_forward_method(model, m)
+    return model
+
+def is_fsdp(model:nn.Module)->bool:
+    from torch.distributed.fsdp import FSDPModule
+    return isinstance(model, FSDPModule)
+
+def clip_grad_norm_(params, max_norm:float)->torch.Tensor:
+    "`torch.nn.utils.clip_grad_norm_` for a mix of sharded (DTensor) and plain gradients: the norm of the full gradient."
+    from torch.distributed.tensor import DTensor
+    params = [p for p in params if p.grad is not None]
+    sharded = [p for p in params if isinstance(p.grad, DTensor)]
+    if not sharded: return torch.nn.utils.clip_grad_norm_(params, max_norm)
+    plain = [p for p in params if not isinstance(p.grad, DTensor)]
+    sq = torch.nn.utils.get_total_norm([p.grad for p in sharded]).full_tensor() ** 2
+    if plain: sq = sq + torch.nn.utils.get_total_norm([p.grad for p in plain]).to(sq.device) ** 2
+    total = sq.sqrt()
+    torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
+    return total
+
+def _names(model:nn.Module, opt)->list[str]:
+    "Parameter names in the optimizer's numbering (torch's `state_dict` numbers parameters group by group)."
+    name = {id(p): n for n, p in model.named_parameters()}
+    return [name[id(p)] for g in opt.param_groups for p in g['params']]
+
+def full_state(model:nn.Module, opt=None)->tuple[dict, dict|None]:
+    "Full model state (plain keys) and optimizer state (torch's layout) of a sharded or plain model; a collective under FSDP."
+    if not is_fsdp(model): return unwrap(model).state_dict(), (opt.state_dict() if opt is not None else None)
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict, StateDictOptions
+    o = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    msd = get_model_state_dict(model, options=o)
+    if opt is None: return msd, None
+    osd, names = get_optimizer_state_dict(model, opt, options=o), _names(model, opt)
+    if 'state' not in osd: return msd, osd  # ranks other than 0 receive no tensors (cpu_offload)
+    idx = {n: i for i, n in enumerate(names)}
+    return msd, dict(state={idx[n]: v for n, v in osd['state'].items()},
+                     param_groups=[{**g, 'params': [idx[n] for n in g['params']]} for g in osd['param_groups']])
+
+def load_full_state(model:nn.Module, opt=None, model_sd:dict|None=None, opt_sd:dict|None=None):
+    "Load `full_state`'s output (or any plain checkpoint) into a sharded or plain model and its optimizer."
+    if not is_fsdp(model):
+        if model_sd is not None: unwrap(model).load_state_dict(model_sd)
+        if opt is not None and opt_sd is not None: opt.load_state_dict(opt_sd)
+        return
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict, StateDictOptions
+    o = StateDictOptions(full_state_dict=True)
+    if model_sd is not None: set_model_state_dict(model, model_sd, options=o)
+    if opt is not None and opt_sd is not None:
+        names = _names(model, opt)
+        set_optimizer_state_dict(model, opt, dict(state={names[int(i)]: v for i, v in opt_sd['state'].items()},
+            param_groups=[{**g, 'params': [names[int(i)] for i in g['params']]} for g in opt_sd['param_groups']]), options=o)

@@ -19,7 +19,8 @@ from .models import CLIP_MODELS, create_clip, get_tokenizer, save_weights
 from .data.shards import (DATASETS, ShardStream, make_loader, find_shards, find_sources, check_caption_source, train_transform,
                                eval_transform, dataset_spec, shard_weights, subset_shards, pair_dr_shards)
 from .data.augment import RangeAugment
-from .distributed import init_distributed, launch, launch_request, all_reduce_mean, barrier, unwrap
+from .distributed import (init_distributed, launch, launch_request, all_reduce_mean, barrier, unwrap, fsdp_wrap,
+                               full_state, load_full_state, clip_grad_norm_)
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 # %% auto #0
@@ -53,6 +54,7 @@ PRETRAIN_DEFAULTS = dict(
     grad_checkpointing=False,   # paper scripts: on
     precision='fp32',           # paper: bf16
     local_loss=True, gather_with_grad=True, # open_clip's distributed loss options (paper scripts: both on)
+    parallel='ddp',             # ddp | fsdp: how N processes share the model (fsdp shards weights, grads, AdamW state)
     seed=0,
     workers=1,                  # data loader processes per rank
     log_every=10, eval_every=50, ckpt_every=50,
@@ -82,6 +84,10 @@ def check_params(**params)->dict:
     p['subset_samples'] = check_positive('subset_samples', p['subset_samples'], allow_zero=True)
     if not 0 < p['max_bad_frac'] <= 1: raise ValueError(f"max_bad_frac={p['max_bad_frac']!r} is not valid; expected a number in (0, 1]")
     check_choice('precision', p['precision'], PRECISIONS)
+    check_choice('parallel', p['parallel'], ['ddp', 'fsdp'])
+    for k in ['ema', 'range_augment']:
+        if p['parallel'] == 'fsdp' and p[k]:
+            raise ValueError(f"{k}={p[k]!r} is not supported with parallel='fsdp' yet; use parallel='ddp' or {k}={PRETRAIN_DEFAULTS[k]!r}")
     check_choice('device', p['device'], ['auto', 'cpu', 'cuda'])
     for k in ['steps', 'batch_size', 'log_every', 'eval_every', 'ckpt_every', 'synth_n', 'synth_size', 'val_images']:
         p[k] = check_positive(k, p[k])
@@ -127,7 +133,7 @@ def clip_step(model, images, texts, loss_fn, opt, precision='fp32', grad_clip=0.
         loss = loss_fn(img.float(), txt.float().view(K, B, -1), scale, *(teacher or ()))
     opt.zero_grad(set_to_none=True)
     (loss + aux).backward()
-    if grad_clip: torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    if grad_clip: clip_grad_norm_(model.parameters(), grad_clip)  # FSDP-aware: the norm of the full gradient
     opt.step()
     clamp_logit_scale_(unwrap(model))
     return loss.detach()
@@ -225,8 +231,13 @@ def _pretrain(p:dict)->dict:
     dr_shards = pair_dr_shards(train_shards, find_shards(p['dataset'], p['dr_root'], 'train')) if p['dr_root'] else None
     val_shards = find_shards(p['dataset'], p['data_root'], 'val', **({**synth, 'n': p['val_images']} if synth else {}))
     model = create_clip(p['model'], grad_checkpointing=p['grad_checkpointing']).to(dev)
-    # DDP broadcasts rank 0's weights now and averages gradients in backward; `model` stays the plain module
-    net = DDP(model, device_ids=[dev.index] if dev.type == 'cuda' else None) if world > 1 else model
+    # DDP broadcasts rank 0's weights now and averages gradients in backward; `model` stays the plain module.
+    # FSDP shards `model` in place, after rank 0's initial weights are broadcast as DDP would
+    fsdp = p['parallel'] == 'fsdp' and world > 1
+    if fsdp:
+        for t in model.state_dict().values(): dist.broadcast(t, 0)
+        net = fsdp_wrap(model)
+    else: net = DDP(model, device_ids=[dev.index] if dev.type == 'cuda' else None) if world > 1 else model
     tok, size = get_tokenizer(p['model']), model.visual.image_size
     size = size[0] if isinstance(size, (tuple, list)) else size
     opt = torch.optim.AdamW(param_groups(model, p['weight_decay']), lr=p['lr'], betas=(p['beta1'], p['beta2']),
@@ -247,7 +258,7 @@ def _pretrain(p:dict)->dict:
             changed['global batch_size'] = (ck['params']['batch_size'] * saved_world, p['batch_size'] * world)
         if changed: raise ValueError(f"out_dir={str(out)!r} holds a checkpoint of a different run {changed} (saved, now); "
                                      "use another out_dir or resume=False")
-        model.load_state_dict(ck['model']); opt.load_state_dict(ck['optimizer'])
+        load_full_state(model, opt, ck['model'], ck['optimizer'])  # plain or FSDP-sharded, whoever saved it
         if ema is not None and ck.get('ema'): ema.module.load_state_dict(ck['ema'])
         if ra is not None and ck.get('range_augment'): ra.load_state_dict(ck['range_augment'])
         bad.update(ck.get('bad') or {})
@@ -282,18 +293,21 @@ def _pretrain(p:dict)->dict:
             step, n_log = step + 1, n_log + len(images) * world
             bar.update(1)
             last = step == p['steps']
-            if step % p['log_every'] == 0 or last or step % p['eval_every'] == 0:
+            do_eval = bool(val_shards) and (step % p['eval_every'] == 0 or last)
+            if step % p['log_every'] == 0 or last or do_eval:
                 loss = all_reduce_mean(loss)  # every rank's local-loss share, averaged: the global-batch loss
-            if rank == 0 and (step % p['log_every'] == 0 or last or step % p['eval_every'] == 0):
                 dt = time.perf_counter() - t_log
+                ev = evaluate() if do_eval and (rank == 0 or fsdp) else {}  # under FSDP every rank takes part
+            if rank == 0 and (step % p['log_every'] == 0 or last or do_eval):
                 row = dict(step=step, loss=loss, lr=lr, logit_scale=model.logit_scale.exp().item(),
                            samples_per_s=n_log / dt, samples_seen=step * p['batch_size'] * world,
                            bad_total=sum(bad.values()), **{f'bad_{k}': v for k, v in sorted(bad.items())})
-                if val_shards and (step % p['eval_every'] == 0 or last): row.update(evaluate())
+                row.update(ev)
                 log.append(**row); bar.set_postfix(loss=f"{row['loss']:.3f}", **({'R@1': f"{row['val_i2t_r1']:.2f}"} if 'val_i2t_r1' in row else {}))
                 t_log, n_log = time.perf_counter(), 0
-        if rank == 0:  # one replica's state (plain keys, `model` is unwrapped): resumable at any world size
-            save_checkpoint(dict(step=step, model=model.state_dict(), optimizer=opt.state_dict(),
+        msd, osd = full_state(model, opt)  # a collective under FSDP: the full state with plain keys, on rank 0
+        if rank == 0:  # one replica's state: resumable at any world size, with DDP or FSDP
+            save_checkpoint(dict(step=step, model=msd, optimizer=osd,
                                  ema=ema.module.state_dict() if ema else None, params=p, world_size=world,
                                  range_augment=ra.state_dict() if ra is not None else None, bad=dict(bad)), ck_path)
         barrier()  # no rank runs ahead of the checkpoint (nor waits for rank 0's evaluation inside a collective)
@@ -304,8 +318,10 @@ def _pretrain(p:dict)->dict:
     summary = dict(steps=step, samples_seen=step * p['batch_size'] * world, world_size=world, out_dir=str(out),
                    bad_samples=dict(sorted(bad.items())),
                    **{k: v for r in rows for k, v in r.items() if k.startswith('val_') or k in ('loss', 'step')})
+    final = full_state(model)[0] if fsdp else None  # a collective
     if rank == 0:
-        save_weights(ema.module if ema else model, out/'model.safetensors')
+        if fsdp: plain = create_clip(p['model']); plain.load_state_dict(final)
+        save_weights(ema.module if ema else plain if fsdp else model, out/'model.safetensors')
         plot_metrics(rows, out/'metrics.png')
         atomic_write_text(out/'results.json', json.dumps(summary, indent=1))
     barrier()  # outputs are written before any rank returns

@@ -104,3 +104,26 @@ def test_failing_rank_fails_the_launch_with_its_error(tmp_path):
     _, text = _outputs(tmp_path/'out.ipynb')  # the executed notebook shows it too
     assert 'injected failure on rank 1 at step 2' in text and 'RankFailedError' in text
     assert not (tmp_path/'run'/'results.json').exists()
+
+def test_fsdp_launch_matches_ddp_and_resumes_on_one(two_proc, tmp_path):
+    "`-p parallel fsdp`: sharded weights, gradients and AdamW state give DDP's run; its checkpoint resumes on 1 process."
+    tmp, r = two_proc
+    assert r.returncode == 0, r.stderr[-4000:]
+    rf = _launch(tmp_path, tmp_path/'fsdp', parallel='fsdp')
+    assert rf.returncode == 0, rf.stderr[-4000:]
+    ddp, fsdp = _rows(tmp/'run')[:8], _rows(tmp_path/'fsdp')
+    assert [r['step'] for r in fsdp] == list(range(1, 9))
+    print('loss ddp: ', [f"{r['loss']:.4f}" for r in ddp], '\nloss fsdp:', [f"{r['loss']:.4f}" for r in fsdp])
+    # the same data, initial weights and update: equal up to float summation order (reduce-scatter vs all-reduce)
+    for a, b in zip(ddp, fsdp):
+        assert abs(a['loss'] - b['loss']) < 2e-3, (a['step'], a['loss'], b['loss'])
+        if 'val_i2t_r1' in a: assert abs(a['val_i2t_r1'] - b['val_i2t_r1']) <= 2 / a['val_n']
+    ck = torch.load(tmp_path/'fsdp'/'checkpoint.pt', weights_only=True)
+    assert ck['world_size'] == 2 and ck['params']['parallel'] == 'fsdp'
+    full = create_clip('tiny-vit').state_dict()
+    assert ck['model'].keys() == full.keys() and all(ck['model'][k].shape == v.shape for k, v in full.items())  # full, plain keys
+    assert len(ck['optimizer']['state']) == len(list(create_clip('tiny-vit').parameters()))
+    r1 = _launch(tmp_path, tmp_path/'fsdp', nproc=1, steps=10)  # the same checkpoint, one process, no FSDP
+    assert r1.returncode == 0, r1.stderr[-4000:]
+    assert [r['step'] for r in _rows(tmp_path/'fsdp')] == list(range(1, 11))
+    assert abs(_rows(tmp_path/'fsdp')[8]['loss'] - fsdp[7]['loss']) < 1.0  # it continued, not restarted (chance: 5.5)
