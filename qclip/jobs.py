@@ -10,8 +10,8 @@ import yaml
 from .distributed import LAUNCH_ENV
 
 # %% auto #0
-__all__ = ['RESOURCES', 'environ', 'launch_env', 'execute_notebook', 'expand_grid', 'run_name', 'load_experiment', 'run_status',
-           'run_one', 'NotebookJob', 'slurm_executor', 'run_experiment', 'main']
+__all__ = ['RESOURCES', 'environ', 'launch_env', 'execute_notebook', 'expand_grid', 'run_name', 'merge_spec', 'load_experiment',
+           'run_status', 'run_one', 'NotebookJob', 'slurm_executor', 'run_experiment', 'slurm_dependency', 'main']
 
 # %% ../nbs/07a_jobs.ipynb #752faa2e
 @contextlib.contextmanager
@@ -66,6 +66,8 @@ def _stamp(path, info:dict):
 # %% ../nbs/07a_jobs.ipynb #b5497d99
 RESOURCES = dict(nproc_per_node=1, nodes=1, gpus_per_node=0, cpus_per_task=None, mem_gb=None, time_min=60,
                  partition=None, max_requeues=3)
+_TOP = {'notebook', 'out_root', 'params', 'grid', 'resources', 'description', 'stages', 'profiles', 'paper'}
+_STAGE = {'notebook', 'params', 'grid', 'resources', 'after', 'as', 'gather'}
 
 def expand_grid(grid)->list[dict]:
     "All parameter combinations of a grid: a mapping of lists (product) or a list of them (union)."
@@ -83,21 +85,60 @@ def run_name(values:dict)->str:
     "Folder name of a run: its grid values, 'dataset=synth-align,caption_source=gt'."
     return re.sub(r'[^A-Za-z0-9._=+,-]', '_', ','.join(f'{k}={v}' for k, v in values.items())) or 'run'
 
-def load_experiment(path)->dict:
-    "An experiment yaml, checked, with its runs expanded: {notebook, out_root, resources, runs: [{name, params}]}."
+def merge_spec(base:dict, over:dict)->dict:
+    "`over` merged into `base`: mappings recursively, except `grid`, which `over` replaces."
+    out = dict(base)
+    for k, v in (over or {}).items():
+        out[k] = merge_spec(out[k], v) if k != 'grid' and isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+def load_experiment(path, profile:str|None=None)->dict:
+    "An experiment yaml, checked, with its runs expanded: {out_root, resources, runs: [{name, stage, notebook, params, dir, after}]}."
     path = Path(path)
+    if not path.is_file(): raise FileNotFoundError(f"experiment file {str(path)!r} does not exist")
     spec = yaml.safe_load(path.read_text()) or {}
-    unknown = set(spec) - {'notebook', 'out_root', 'params', 'grid', 'resources', 'description'}
-    if unknown: raise ValueError(f"{path}: unknown key(s) {sorted(unknown)}; accepted: notebook, out_root, params, grid, resources, description")
-    if 'notebook' not in spec: raise ValueError(f"{path}: 'notebook' is missing (the job notebook to run, e.g. nbs/10_pretrain.ipynb)")
+    unknown = set(spec) - _TOP
+    if unknown: raise ValueError(f"{path}: unknown key(s) {sorted(unknown)}; accepted: {', '.join(sorted(_TOP))}")
+    if profile:
+        profiles = spec.get('profiles') or {}
+        if profile not in profiles: raise ValueError(f"{path}: unknown profile={profile!r}; expected one of: {', '.join(profiles) or '(none defined)'}")
+        spec = merge_spec(spec, profiles[profile])
+    if 'stages' in spec:
+        stages, single = spec['stages'], False
+    elif 'notebook' in spec:  # one notebook: its runs sit directly in out_root
+        stages, single = {Path(str(spec['notebook'])).stem: {k: spec[k] for k in ('notebook', 'params', 'grid') if k in spec}}, True
+    else: raise ValueError(f"{path}: 'notebook' is missing (the job notebook to run, e.g. nbs/10_pretrain.ipynb), and there are no 'stages'")
     bad = set(spec.get('resources') or {}) - set(RESOURCES)
     if bad: raise ValueError(f"{path}: unknown resource(s) {sorted(bad)}; accepted: {', '.join(RESOURCES)}")
     res = {**RESOURCES, **(spec.get('resources') or {})}
-    out_root = Path(spec.get('out_root') or Path('runs')/path.stem)
-    runs = [dict(name=run_name(v), params={**(spec.get('params') or {}), **v}) for v in expand_grid(spec.get('grid'))]
+    out_root = Path(spec.get('out_root') or Path('runs')/(path.stem + (f'-{profile}' if profile else '')))
+    runs, by_stage = [], {}
+    for sname, st in stages.items():
+        st = st or {}
+        if set(st) - _STAGE: raise ValueError(f"{path}: stage {sname!r}: unknown key(s) {sorted(set(st) - _STAGE)}; accepted: {', '.join(sorted(_STAGE))}")
+        if 'notebook' not in st: raise ValueError(f"{path}: stage {sname!r} has no 'notebook'")
+        if set(st.get('resources') or {}) - set(RESOURCES): raise ValueError(f"{path}: stage {sname!r}: unknown resource(s) {sorted(set(st['resources']) - set(RESOURCES))}")
+        sres, cells = {**res, **(st.get('resources') or {})}, expand_grid(st.get('grid'))
+        if st.get('after') is not None and st['after'] not in by_stage:
+            raise ValueError(f"{path}: stage {sname!r} runs after {st['after']!r}, which is not an earlier stage (stages: {', '.join(stages)})")
+        ups = by_stage[st['after']] if st.get('after') else [None]
+        if st.get('gather'): ups = [ups]  # one run over all upstream runs: `as` gets the list of their folders
+        by_stage[sname] = []
+        for up in ups:
+            for c in cells:
+                values = {**(up['values'] if isinstance(up, dict) else {}), **c}
+                name = run_name(values) if values or not st.get('gather') else 'all'
+                params = {**(st.get('params') or {}), **c}
+                if isinstance(up, dict): params[st.get('as', 'encoder')] = str(Path(up['dir']).absolute())  # the upstream run's out_dir
+                if isinstance(up, list): params[st.get('as', 'encoder')] = [str(Path(u['dir']).absolute()) for u in up]
+                after = [up['name']] if isinstance(up, dict) else [u['name'] for u in up] if isinstance(up, list) else []
+                r = dict(name=name if single else f'{sname}/{name}', stage=sname, notebook=str(st['notebook']), params=params,
+                         values=values, dir=out_root/name if single else out_root/sname/name, after=after, resources=sres)
+                runs.append(r); by_stage[sname].append(r)
     names = [r['name'] for r in runs]
     if len(set(names)) != len(names): raise ValueError(f"{path}: two grid cells map to the same run folder")
-    return dict(notebook=str(spec['notebook']), out_root=out_root, resources=res, runs=runs, path=str(path))
+    return dict(out_root=out_root, resources=res, runs=runs, path=str(path), profile=profile,
+                notebook=runs[0]['notebook'] if single and runs else None, description=spec.get('description', ''))
 
 # %% ../nbs/07a_jobs.ipynb #653633a6
 def run_status(run_dir, params:dict)->str:
@@ -181,35 +222,55 @@ def run_experiment(
     wait:bool=True,         # with slurm: wait for the jobs and report their results
     dry_run:bool=False,     # only say what would run
     log_output:bool=False,  # local: stream each notebook's output here too
+    profile:str|None=None,  # a profile of the yaml, e.g. 'small'
+    only:str|None=None,     # run only the stages named here (comma-separated)
 )->dict:
-    "Run (or submit) every run of an experiment that is not done; {name: status}."
-    e = load_experiment(path)
-    out_root, res, status, jobs = Path(e['out_root']).absolute(), e['resources'], {}, {}
-    if not slurm and not dry_run and res['nodes'] > 1:
-        raise ValueError(f"{path}: nodes={res['nodes']} needs --slurm (or `qclip launch --nnodes` on each node)")
+    "Run (or submit) every run of an experiment that is not done, stage after stage; {name: status}."
+    e = load_experiment(path, profile)
+    status, jobs = {}, {}
+    stages = None if not only else set(only.split(','))
     for r in e['runs']:
-        d = out_root/r['name']
+        res, d = r['resources'], Path(r['dir']).absolute()
+        if stages is not None and r['stage'] not in stages: continue
+        if not slurm and not dry_run and res['nodes'] > 1:
+            raise ValueError(f"{path}: nodes={res['nodes']} needs --slurm (or `qclip launch --nnodes` on each node)")
         st = run_status(d, r['params'])
+        if r['after'] and st != 'done' and not dry_run:
+            for up in r['after']:
+                if up in jobs and not slurm_dependency(jobs[up]) and status.get(up) == 'submitted':  # local/debug executor: wait
+                    try: jobs[up].result(); status[up] = 'ran'
+                    except Exception: status[up] = 'failed'
+            pending = [u['name'] for u in e['runs'] if u['name'] in r['after'] and not (u['name'] in jobs and slurm_dependency(jobs[u['name']]))
+                       and run_status(Path(u['dir']).absolute(), u['params']) != 'done']
+            if pending:
+                print(f"{r['name']}: waiting for {', '.join(pending)}, not done", flush=True); status[r['name']] = 'waiting'; continue
         print(f"{r['name']}: {st}" + ('' if st == 'done' else ' -> ' + ('would run' if dry_run else 'resume' if st == 'stopped' else 'run')), flush=True)
         if st == 'done' or dry_run: status[r['name']] = st; continue
         if slurm:
-            ex = slurm_executor(out_root/'.submitit', res, cluster, name=f"{Path(path).stem}:{r['name']}")
+            ex = slurm_executor(Path(e['out_root']).absolute()/'.submitit', res, cluster, name=f"{Path(path).stem}:{r['name']}")
+            deps = [jobs[u].job_id for u in r['after'] if u in jobs and slurm_dependency(jobs[u])]
+            if deps: ex.update_parameters(slurm_additional_parameters={'dependency': 'afterok:' + ':'.join(deps)})
             d.mkdir(parents=True, exist_ok=True)
-            jobs[r['name']] = ex.submit(NotebookJob(), e['notebook'], str(d), r['params'])
+            jobs[r['name']] = ex.submit(NotebookJob(), r['notebook'], str(d), r['params'])
             print(f"  submitted job {jobs[r['name']].job_id}", flush=True)
             status[r['name']] = 'submitted'
             continue
-        try: run_one(e['notebook'], d, r['params'], nproc_per_node=res['nproc_per_node'], log_output=log_output); status[r['name']] = 'ran'
+        try: run_one(r['notebook'], d, r['params'], nproc_per_node=res['nproc_per_node'], log_output=log_output); status[r['name']] = 'ran'
         except Exception as ex:
             status[r['name']] = 'failed'
             print(f"  failed: {type(ex).__name__}: {str(ex)[-2000:]}\n  executed notebook: {d/'notebook.ipynb'}", flush=True)
     if slurm and wait:
         for n, j in jobs.items():
+            if status.get(n) in ('ran', 'failed'): continue
             try: j.result(); status[n] = 'ran'
             except Exception as ex:
                 status[n] = 'failed'
                 print(f"{n}: job {j.job_id} failed: {str(ex)[-2000:]}", flush=True)
     return status
+
+def slurm_dependency(job)->bool:
+    "Can a later SLURM job wait for `job` with `--dependency` (a real SLURM job, not submitit's local/debug ones)?"
+    return type(job).__name__ == 'SlurmJob'
 
 # %% ../nbs/07a_jobs.ipynb #8a992cf2
 def _value(s:str):
@@ -236,6 +297,8 @@ def _parser():
     ru.add_argument('--cluster', default=None, help="submitit cluster for --slurm: slurm (default when available), local, debug")
     ru.add_argument('--no-wait', action='store_true', help='with --slurm: submit and return')
     ru.add_argument('--dry-run', action='store_true'); ru.add_argument('--log-output', action='store_true')
+    ru.add_argument('--profile', default=None, help="a profile of the yaml, e.g. small (CPU-sized, built-in data)")
+    ru.add_argument('--only', default=None, help='only these stages (comma-separated), e.g. pretrain')
     return ap
 
 def main(argv=None):
@@ -253,7 +316,8 @@ def main(argv=None):
             return 1
         print(f"qclip launch: done; executed notebook: {a.output}")
         return 0
-    try: st = run_experiment(a.experiment, slurm=a.slurm, cluster=a.cluster, wait=not a.no_wait, dry_run=a.dry_run, log_output=a.log_output)
+    try: st = run_experiment(a.experiment, slurm=a.slurm, cluster=a.cluster, wait=not a.no_wait, dry_run=a.dry_run,
+                             log_output=a.log_output, profile=a.profile, only=a.only)
     except (ValueError, RuntimeError, FileNotFoundError) as e:  # a bad spec or no cluster: say so, no traceback
         print(f'qclip run: {e}', file=sys.stderr); return 2
     print(json.dumps(st, indent=1))

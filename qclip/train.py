@@ -55,6 +55,7 @@ PRETRAIN_DEFAULTS = dict(
     precision='fp32',           # paper: bf16
     local_loss=True, gather_with_grad=True, # open_clip's distributed loss options (paper scripts: both on)
     parallel='ddp',             # ddp | fsdp: how N processes share the model (fsdp shards weights, grads, AdamW state)
+    torch_compile=False,        # torch.compile the model (ViT-B/16 bf16 on an H200: 1.4x the eager step)
     seed=0,
     workers=1,                  # data loader processes per rank
     log_every=10, eval_every=50, ckpt_every=50,
@@ -238,6 +239,7 @@ def _pretrain(p:dict)->dict:
         for t in model.state_dict().values(): dist.broadcast(t, 0)
         net = fsdp_wrap(model)
     else: net = DDP(model, device_ids=[dev.index] if dev.type == 'cuda' else None) if world > 1 else model
+    if p['torch_compile']: net = torch.compile(net)  # the step's forward; evaluation and checkpoints use `model` itself
     tok, size = get_tokenizer(p['model']), model.visual.image_size
     size = size[0] if isinstance(size, (tuple, list)) else size
     opt = torch.optim.AdamW(param_groups(model, p['weight_decay']), lr=p['lr'], betas=(p['beta1'], p['beta2']),
