@@ -113,8 +113,8 @@ def load_experiment(path, profile:str|None=None)->dict:
     res = {**RESOURCES, **(spec.get('resources') or {})}
     out_root = Path(spec.get('out_root') or Path('runs')/(path.stem + (f'-{profile}' if profile else '')))
     runs, by_stage = [], {}
+    stages = {k: v for k, v in stages.items() if v is not None}  # a profile drops a stage by setting it to null
     for sname, st in stages.items():
-        st = st or {}
         if set(st) - _STAGE: raise ValueError(f"{path}: stage {sname!r}: unknown key(s) {sorted(set(st) - _STAGE)}; accepted: {', '.join(sorted(_STAGE))}")
         if 'notebook' not in st: raise ValueError(f"{path}: stage {sname!r} has no 'notebook'")
         if set(st.get('resources') or {}) - set(RESOURCES): raise ValueError(f"{path}: stage {sname!r}: unknown resource(s) {sorted(set(st['resources']) - set(RESOURCES))}")

@@ -1,0 +1,31 @@
+"""Every experiments/*.yaml is a runnable spec: it loads with each of its profiles, its notebooks exist, and every
+parameter it sets is a parameter of that notebook (papermill would only warn and run with the default)."""
+from pathlib import Path
+import papermill as pm, pytest, yaml
+from qclip.jobs import load_experiment
+
+ROOT = Path(__file__).parents[1]
+SPECS = sorted((ROOT/'experiments').glob('*.yaml'))
+_params = {}
+
+def nb_params(nb):
+    if nb not in _params: _params[nb] = set(pm.inspect_notebook(str(ROOT/nb)))
+    return _params[nb]
+
+@pytest.mark.parametrize('spec', SPECS, ids=[s.stem for s in SPECS])
+def test_experiment_spec(spec):
+    profiles = [None, *(yaml.safe_load(spec.read_text()).get('profiles') or {})]
+    for profile in profiles:
+        e = load_experiment(spec, profile)
+        assert e['runs'], (spec.name, profile)
+        for r in e['runs']:
+            assert (ROOT/r['notebook']).is_file(), r['notebook']
+            unknown = set(r['params']) - nb_params(r['notebook'])
+            assert not unknown, f"{spec.name} [{profile or 'full'}] {r['name']}: {sorted(unknown)} are not parameters of {r['notebook']}"
+
+def test_every_table_and_figure_has_a_spec():
+    names = {s.stem for s in SPECS}
+    assert {'table1', 'table2', 'table3', 'table5', 'table6', 'table7', 'table8', 'table9', 'table10', 'fig2', 'fig3'} <= names, names
+    for s in SPECS:
+        if s.stem.startswith(('table', 'fig')):
+            assert 'small' in (yaml.safe_load(s.read_text()).get('profiles') or {}), f'{s.name} has no small profile'
