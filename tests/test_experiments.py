@@ -29,3 +29,14 @@ def test_every_table_and_figure_has_a_spec():
     for s in SPECS:
         if s.stem.startswith(('table', 'fig')):
             assert 'small' in (yaml.safe_load(s.read_text()).get('profiles') or {}), f'{s.name} has no small profile'
+
+JOBS = sorted(p for p in (ROOT/'nbs').glob('*.ipynb') if (ROOT/'nbs'/p.name).is_file() and p.name[:1] in '12345')
+
+@pytest.mark.parametrize('nb', JOBS, ids=[p.stem for p in JOBS])
+def test_every_parameter_is_visible_to_papermill(nb):
+    "papermill drops a parameter whose line holds a second '=' (in its comment, say) from --help-notebook and inspection."
+    import re, nbformat
+    cells = [c for c in nbformat.read(str(nb), as_version=4).cells if 'parameters' in c.get('metadata', {}).get('tags', [])]
+    if not cells: pytest.skip('no parameters cell')
+    names = {m.group(1) for line in cells[0].source.splitlines() if (m := re.match(r'^(\w+)\s*=', line))}
+    assert names == set(pm.inspect_notebook(str(nb))), f'{nb.name}: papermill cannot read {sorted(names - set(pm.inspect_notebook(str(nb))))}'
