@@ -87,8 +87,9 @@ def table1(runs:pd.DataFrame, experiment:str|None=None)->pd.DataFrame:
     t = t[[(c, s) for c in order for s in ('mean', 'std', 'n')]]
     return t.reindex([r for r in PAPER_TABLE1.index if r in t.index] + [r for r in t.index if r not in PAPER_TABLE1.index])
 
-def side_by_side(ours:pd.DataFrame, paper:pd.DataFrame=PAPER_TABLE1)->pd.DataFrame:
-    "Each metric as 'ours (mean ± std)' beside 'paper', rows = datasets in either table."
+def side_by_side(ours:pd.DataFrame, paper:pd.DataFrame|None=None)->pd.DataFrame:
+    "Each metric as 'ours (mean ± std)' beside 'paper' (default: `PAPER_TABLE1`), rows = datasets in either table."
+    paper = PAPER_TABLE1 if paper is None else paper
     out = pd.DataFrame(index=list(dict.fromkeys([*[r for r in paper.index if r in ours.index], *ours.index])))
     for col in dict.fromkeys(ours.columns.get_level_values(0)):
         m, s = ours[(col, 'mean')], ours[(col, 'std')]
@@ -97,8 +98,9 @@ def side_by_side(ours:pd.DataFrame, paper:pd.DataFrame=PAPER_TABLE1)->pd.DataFra
     out.columns = pd.MultiIndex.from_tuples(out.columns) if len(out.columns) else out.columns
     return out
 
-def ordering(ours:pd.DataFrame, paper:pd.DataFrame=PAPER_TABLE1, rows=('ALIGN', 'DataComp', 'DataCompDR'))->pd.DataFrame:
-    "Per metric: the paper's ranking of `rows`, ours, whether they agree, and the smallest gap between neighbours against the seed spread."
+def ordering(ours:pd.DataFrame, paper:pd.DataFrame|None=None, rows=('ALIGN', 'DataComp', 'DataCompDR'))->pd.DataFrame:
+    "Per metric: the paper's ranking of `rows` (default table: `PAPER_TABLE1`), ours, whether they agree, and the smallest gap between neighbours against the seed spread."
+    paper = PAPER_TABLE1 if paper is None else paper
     out = []
     for col in dict.fromkeys(ours.columns.get_level_values(0)):
         r = [x for x in rows if x in ours.index and pd.notna(ours.loc[x, (col, 'mean')])]
