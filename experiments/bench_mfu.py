@@ -34,12 +34,8 @@ from open_clip.loss import ClipLoss as OpenClipLoss
 from qclip.models import create_clip, get_tokenizer
 from qclip.loss import ClipLoss
 from qclip.train import clip_step, param_groups, autocast
-
-def openclip_groups(model, wd):  # open_clip_train/main.py's rule
-    exclude = lambda n, p: p.ndim < 2 or 'bn' in n or 'ln' in n or 'bias' in n or 'logit_scale' in n
-    named = list(model.named_parameters())
-    return [{'params': [p for n, p in named if exclude(n, p) and p.requires_grad], 'weight_decay': 0.},
-            {'params': [p for n, p in named if not exclude(n, p) and p.requires_grad], 'weight_decay': wd}]
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_train_step import openclip_groups  # open_clip_train's weight-decay rule, shared with the CPU bench
 
 def sync(dev):
     if dev.type == 'cuda': torch.cuda.synchronize()
