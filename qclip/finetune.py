@@ -14,7 +14,7 @@ from timm.utils import ModelEmaV3
 from .core import (check_choice, check_positive, seed_everything, save_checkpoint, load_checkpoint, atomic_write_text,
                         atomic_path, MetricsLog)
 from .models import CLIP_MODELS, save_weights
-from .data.synth import SYNTH_DATASETS, SHAPES, synth_shards, decode_dense
+from .data.synth import SYNTH_DATASETS, SHAPES, COLOURS, synth_shards, decode_dense
 from .data.shards import read_tar, BadCounter, data_root_of
 from .data.augment import rrc_box, crop_resize, open_image, normalize_batch, MEAN, STD
 from .train import cosine_lr, autocast, _device
@@ -22,22 +22,26 @@ from .heads import (load_encoder, is_arch, set_img_size, set_drop_path, vit_inpu
                          Classifier, layer_decay_groups, SiLogLoss, depth_metrics, flip_tta, shift_window, DEPTH_METRICS)
 
 # %% auto #0
-__all__ = ['IMAGENET_LAYOUT', 'NYU_LAYOUT', 'CLS_DEFAULTS', 'DEPTH_DEFAULTS', 'CLS_DATASETS', 'DEPTH_DATASETS', 'synth_arrays',
-           'cls_view', 'depth_view', 'imagenet_samples', 'nyu_samples', 'SynthCls', 'FolderCls', 'SynthDepth',
-           'NYUDepth', 'fake_imagenet', 'fake_nyuv2', 'StepBatches', 'check_encoder', 'check_cls_params',
+__all__ = ['SYNTH_LABELS', 'IMAGENET_LAYOUT', 'NYU_LAYOUT', 'CLS_DEFAULTS', 'DEPTH_DEFAULTS', 'CLS_DATASETS', 'DEPTH_DATASETS',
+           'synth_arrays', 'cls_view', 'depth_view', 'imagenet_samples', 'nyu_samples', 'SynthCls', 'FolderCls',
+           'SynthDepth', 'NYUDepth', 'fake_imagenet', 'fake_nyuv2', 'StepBatches', 'check_encoder', 'check_cls_params',
            'check_depth_params', 'build_classification', 'build_depth', 'eval_classification', 'eval_depth',
            'plot_finetune', 'finetune_classification', 'finetune_depth']
 
 # %% ../nbs/08a_finetune.ipynb #6dd2576f
+SYNTH_LABELS = {'shape': list(SHAPES), 'colour': list(COLOURS), 'object': [f'{c} {s}' for s in SHAPES for c in COLOURS]}
+
 def synth_arrays(name:str, split:str='train', n:int=2048, size:int=64, seed:int=0)->dict:
-    "Images uint8 [N, 3, S, S], class ids [N] and depth in metres [N, 1, S, S] of a built-in dataset's split."
-    imgs, cls, depth = [], [], []
+    "Images uint8 [N, 3, S, S], the main object's shape / colour / object ids [N] and depth in metres [N, 1, S, S]."
+    imgs, cls, colour, depth = [], [], [], []
     for url in synth_shards(name, split, n=n, size=size, seed=seed):
         for s in read_tar(url, BadCounter(what=f'dataset={name!r}')):
             imgs.append(np.asarray(Image.open(io.BytesIO(s['jpg'])).convert('RGB')))
-            cls.append(int(s['cls'])); depth.append(decode_dense('depth.png', s['depth.png']))
-    return dict(images=torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).contiguous(), cls=torch.tensor(cls),
-                depth=torch.from_numpy(np.stack(depth))[:, None])
+            main = max(s['json']['objects'], key=lambda o: o['visible_area'])  # as qclip.data.synth.main_object
+            cls.append(int(s['cls'])); colour.append(list(COLOURS).index(main['colour'])); depth.append(decode_dense('depth.png', s['depth.png']))
+    cls, colour = torch.tensor(cls), torch.tensor(colour)
+    return dict(images=torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).contiguous(), cls=cls, shape=cls, colour=colour,
+                object=cls * len(COLOURS) + colour, depth=torch.from_numpy(np.stack(depth))[:, None])
 
 # %% ../nbs/08a_finetune.ipynb #ae386380
 def _rng(seed:int)->random.Random: return random.Random(seed)
@@ -102,14 +106,15 @@ def nyu_samples(root, split:str)->list[tuple[str, str]]:
 
 # %% ../nbs/08a_finetune.ipynb #092e21c0
 class SynthCls(Dataset):
-    "Built-in scenes -> (uint8 image, class id)."
-    def __init__(self, arrays:dict, size:int, train:bool): self.a, self.size, self.train = arrays, size, train
-    def __len__(self): return len(self.a['cls'])
+    "Built-in scenes -> (uint8 image, class id of `label`: shape | colour | object of the main object)."
+    def __init__(self, arrays:dict, size:int, train:bool, label:str='shape'):
+        self.a, self.size, self.train, self.y = arrays, size, train, arrays[check_choice('label', label, SYNTH_LABELS)]
+    def __len__(self): return len(self.y)
     def __getitem__(self, i):
         i, seed = i if isinstance(i, tuple) else (i, None)
         x = self.a['images'][i]
         x = cls_view(x, self.size, seed, (0.5, 1.0)) if seed is not None or x.shape[-1] != self.size else x
-        return x, int(self.a['cls'][i])
+        return x, int(self.y[i])
 
 class FolderCls(Dataset):
     "ImageNet class folders -> (uint8 image, class id)."
@@ -213,6 +218,7 @@ CLS_DEFAULTS = dict(_COMMON,
     lr=None,              # None: 1e-3 finetune / 1e-2 linear (paper at batch 1024: 1e-4 FT / 5e-4 LP, cosine)
     weight_decay=None,    # None: 0.05 finetune / 5e-4 linear (paper: same)
     label_smoothing=0.1,  # paper: 0.1
+    label='object',       # built-in scenes: the main object's shape | colour | object (colour + shape, 64 classes)
     out_dir='runs/classification')
 DEPTH_DEFAULTS = dict(_COMMON,
     steps=100,            # paper: 25 epochs of NYUv2 at batch 24
@@ -266,6 +272,7 @@ def check_cls_params(**params)->dict:
     if p.get('lr') is None: p['lr'] = 1e-3 if mode == 'finetune' else 1e-2
     if p.get('weight_decay') is None: p['weight_decay'] = 0.05 if mode == 'finetune' else 5e-4
     p = _check(p, CLS_DEFAULTS, CLS_DATASETS)
+    check_choice('label', p['label'], SYNTH_LABELS)
     if not 0 <= p['label_smoothing'] < 1: raise ValueError(f"label_smoothing={p['label_smoothing']!r} is not valid; expected a number in [0, 1)")
     if p['dataset'] == 'imagenet':
         root = data_root_of('imagenet', p['data_root'])
@@ -309,8 +316,8 @@ def build_classification(p:dict):
         train, val = FolderCls(tr, size), FolderCls(va, size)
     else:
         size = p['img_size'] or 64
-        train = SynthCls(synth_arrays(p['dataset'], 'train', p['synth_n']), size, True)
-        val, classes = SynthCls(synth_arrays(p['dataset'], 'val', p['synth_val']), size, False), list(SHAPES)
+        train = SynthCls(synth_arrays(p['dataset'], 'train', p['synth_n']), size, True, p['label'])
+        val, classes = SynthCls(synth_arrays(p['dataset'], 'val', p['synth_val']), size, False, p['label']), SYNTH_LABELS[p['label']]
     if vit_input_size(tower) not in (None, (size, size)): set_img_size(tower, size)
     if p['drop_path'] and p['mode'] == 'finetune': set_drop_path(tower, p['drop_path'])
     norm = _norm(tower)

@@ -10,8 +10,9 @@ import yaml
 from .distributed import LAUNCH_ENV
 
 # %% auto #0
-__all__ = ['RESOURCES', 'environ', 'launch_env', 'execute_notebook', 'expand_grid', 'run_name', 'merge_spec', 'load_experiment',
-           'run_status', 'run_one', 'NotebookJob', 'slurm_executor', 'run_experiment', 'slurm_dependency', 'main']
+__all__ = ['RESOURCES', 'environ', 'launch_env', 'execute_notebook', 'expand_grid', 'run_name', 'merge_spec', 'read_spec',
+           'load_experiment', 'run_status', 'run_one', 'run_one_process', 'cpu_count', 'NotebookJob', 'slurm_executor',
+           'run_experiment', 'slurm_dependency', 'main']
 
 # %% ../nbs/07a_jobs.ipynb #752faa2e
 @contextlib.contextmanager
@@ -66,7 +67,7 @@ def _stamp(path, info:dict):
 # %% ../nbs/07a_jobs.ipynb #b5497d99
 RESOURCES = dict(nproc_per_node=1, nodes=1, gpus_per_node=0, cpus_per_task=None, mem_gb=None, time_min=60,
                  partition=None, max_requeues=3)
-_TOP = {'notebook', 'out_root', 'params', 'grid', 'resources', 'description', 'stages', 'profiles', 'paper'}
+_TOP = {'notebook', 'out_root', 'params', 'grid', 'resources', 'description', 'stages', 'profiles', 'paper', 'extends'}
 _STAGE = {'notebook', 'params', 'grid', 'resources', 'after', 'as', 'gather'}
 
 def expand_grid(grid)->list[dict]:
@@ -92,11 +93,27 @@ def merge_spec(base:dict, over:dict)->dict:
         out[k] = merge_spec(out[k], v) if k != 'grid' and isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
 
-def load_experiment(path, profile:str|None=None)->dict:
-    "An experiment yaml, checked, with its runs expanded: {out_root, resources, runs: [{name, stage, notebook, params, dir, after}]}."
+def read_spec(path, _seen:tuple=())->dict:
+    "The mapping of an experiment yaml, with the spec it `extends` (a path relative to it) merged underneath."
     path = Path(path)
     if not path.is_file(): raise FileNotFoundError(f"experiment file {str(path)!r} does not exist")
     spec = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(spec, dict): raise ValueError(f"{path}: expected a mapping of keys ({', '.join(sorted(_TOP))})")
+    if spec.get('extends'):
+        base = path.parent/str(spec['extends'])
+        if base.resolve() in _seen: raise ValueError(f"{path}: extends={spec['extends']!r} goes round in a circle")
+        if not base.is_file(): raise FileNotFoundError(f"{path}: extends={spec['extends']!r}, and {str(base)!r} does not exist")
+        base = read_spec(base, _seen + (path.resolve(),))
+        dropped = {k for k, v in (spec.get('stages') or {}).items() if v is None}
+        for prof in (base.get('profiles') or {}).values():  # a stage this file drops is gone from the base's profiles too
+            for k in dropped & set((prof or {}).get('stages') or {}): del prof['stages'][k]
+        spec = merge_spec(base, {k: v for k, v in spec.items() if k != 'extends'})
+    return spec
+
+def load_experiment(path, profile:str|None=None)->dict:
+    "An experiment yaml, checked, with its runs expanded: {out_root, resources, runs: [{name, stage, notebook, params, dir, after}]}."
+    path = Path(path)
+    spec = read_spec(path)
     unknown = set(spec) - _TOP
     if unknown: raise ValueError(f"{path}: unknown key(s) {sorted(unknown)}; accepted: {', '.join(sorted(_TOP))}")
     if profile:
@@ -164,6 +181,26 @@ def run_one(notebook, run_dir, params:dict, nproc_per_node:int=1, log_output:boo
                      cwd=d, log_output=log_output)
     return json.loads((d/'results.json').read_text()) if (d/'results.json').exists() else None
 
+# %% ../nbs/07a_jobs.ipynb #e517aec2
+def run_one_process(notebook, run_dir, params:dict, nproc_per_node:int=1, threads:int|None=None, log_output:bool=False):
+    "`run_one` in a child `qclip launch` process with `threads` OpenMP threads, so that several can run side by side."
+    import subprocess
+    d = Path(run_dir).absolute(); d.mkdir(parents=True, exist_ok=True)
+    (d/'run.yaml').write_text(yaml.safe_dump(dict(notebook=str(notebook), params=params), sort_keys=False))
+    _keep_attempt(d/'notebook.ipynb')
+    pf = d/'.launch.yaml'; pf.write_text(yaml.safe_dump({**params, 'out_dir': str(d)}, sort_keys=False))
+    env = {**os.environ, **({'OMP_NUM_THREADS': str(threads), 'MKL_NUM_THREADS': str(threads)} if threads else {})}
+    cmd = [sys.executable, '-c', 'import sys; from qclip.jobs import main; sys.exit(main())', 'launch', str(Path(notebook).absolute()),
+           str(d/'notebook.ipynb'), '-f', str(pf), '--cwd', str(d), '--nproc-per-node', str(nproc_per_node)] + ['--log-output'] * log_output
+    p = subprocess.run(cmd, env=env, text=True, stdout=None if log_output else subprocess.DEVNULL, stderr=subprocess.PIPE)
+    pf.unlink(missing_ok=True)
+    if p.returncode: raise RuntimeError(p.stderr.strip()[-2000:] or f'qclip launch exited with {p.returncode}')
+    return json.loads((d/'results.json').read_text()) if (d/'results.json').exists() else None
+
+def cpu_count()->int:
+    "Cores this process may use (its affinity mask, as torch sees them)."
+    return len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1)
+
 # %% ../nbs/07a_jobs.ipynb #26a41add
 def _stop_children(timeout:float=10.):
     "Terminate this process's descendants (the kernel and the ranks it launched), then kill what is left."
@@ -224,11 +261,15 @@ def run_experiment(
     log_output:bool=False,  # local: stream each notebook's output here too
     profile:str|None=None,  # a profile of the yaml, e.g. 'small'
     only:str|None=None,     # run only the stages named here (comma-separated)
+    jobs:int=1,             # local: runs side by side, each with cpu_count() // jobs threads
 )->dict:
     "Run (or submit) every run of an experiment that is not done, stage after stage; {name: status}."
     e = load_experiment(path, profile)
-    status, jobs = {}, {}
+    if not isinstance(jobs, int) or jobs < 1: raise ValueError(f'jobs={jobs!r}: expected a whole number >= 1')
+    status, submitted = {}, {}
     stages = None if not only else set(only.split(','))
+    if jobs > 1 and not slurm and not dry_run:
+        return _run_side_by_side([r for r in e['runs'] if stages is None or r['stage'] in stages], e['runs'], jobs, log_output)
     for r in e['runs']:
         res, d = r['resources'], Path(r['dir']).absolute()
         if stages is not None and r['stage'] not in stages: continue
@@ -237,10 +278,10 @@ def run_experiment(
         st = run_status(d, r['params'])
         if r['after'] and st != 'done' and not dry_run:
             for up in r['after']:
-                if up in jobs and not slurm_dependency(jobs[up]) and status.get(up) == 'submitted':  # local/debug executor: wait
-                    try: jobs[up].result(); status[up] = 'ran'
+                if up in submitted and not slurm_dependency(submitted[up]) and status.get(up) == 'submitted':  # local/debug executor: wait
+                    try: submitted[up].result(); status[up] = 'ran'
                     except Exception: status[up] = 'failed'
-            pending = [u['name'] for u in e['runs'] if u['name'] in r['after'] and not (u['name'] in jobs and slurm_dependency(jobs[u['name']]))
+            pending = [u['name'] for u in e['runs'] if u['name'] in r['after'] and not (u['name'] in submitted and slurm_dependency(submitted[u['name']]))
                        and run_status(Path(u['dir']).absolute(), u['params']) != 'done']
             if pending:
                 print(f"{r['name']}: waiting for {', '.join(pending)}, not done", flush=True); status[r['name']] = 'waiting'; continue
@@ -248,24 +289,62 @@ def run_experiment(
         if st == 'done' or dry_run: status[r['name']] = st; continue
         if slurm:
             ex = slurm_executor(Path(e['out_root']).absolute()/'.submitit', res, cluster, name=f"{Path(path).stem}:{r['name']}")
-            deps = [jobs[u].job_id for u in r['after'] if u in jobs and slurm_dependency(jobs[u])]
+            deps = [submitted[u].job_id for u in r['after'] if u in submitted and slurm_dependency(submitted[u])]
             if deps: ex.update_parameters(slurm_additional_parameters={'dependency': 'afterok:' + ':'.join(deps)})
             d.mkdir(parents=True, exist_ok=True)
-            jobs[r['name']] = ex.submit(NotebookJob(), r['notebook'], str(d), r['params'])
-            print(f"  submitted job {jobs[r['name']].job_id}", flush=True)
+            submitted[r['name']] = ex.submit(NotebookJob(), r['notebook'], str(d), r['params'])
+            print(f"  submitted job {submitted[r['name']].job_id}", flush=True)
             status[r['name']] = 'submitted'
             continue
-        try: run_one(r['notebook'], d, r['params'], nproc_per_node=res['nproc_per_node'], log_output=log_output); status[r['name']] = 'ran'
+        t0 = time.monotonic()
+        try:
+            run_one(r['notebook'], d, r['params'], nproc_per_node=res['nproc_per_node'], log_output=log_output); status[r['name']] = 'ran'
+            print(f"  ran in {time.monotonic() - t0:.0f} s", flush=True)
         except Exception as ex:
             status[r['name']] = 'failed'
             print(f"  failed: {type(ex).__name__}: {str(ex)[-2000:]}\n  executed notebook: {d/'notebook.ipynb'}", flush=True)
     if slurm and wait:
-        for n, j in jobs.items():
+        for n, j in submitted.items():
             if status.get(n) in ('ran', 'failed'): continue
             try: j.result(); status[n] = 'ran'
             except Exception as ex:
                 status[n] = 'failed'
                 print(f"{n}: job {j.job_id} failed: {str(ex)[-2000:]}", flush=True)
+    return status
+
+def _run_side_by_side(todo:list, every:list, jobs:int, log_output:bool=False)->dict:
+    "Local runs, up to `jobs` at a time, each as soon as its upstream run is done; {name: status}."
+    from concurrent.futures import ThreadPoolExecutor, wait, FIRST_COMPLETED
+    by_name, status, pending, running = {r['name']: r for r in every}, {}, [], {}
+    done = lambda n: run_status(Path(by_name[n]['dir']).absolute(), by_name[n]['params']) == 'done'
+    for r in todo:
+        if r['resources']['nodes'] > 1: raise ValueError(f"{r['name']}: nodes={r['resources']['nodes']} needs --slurm")
+        st = run_status(Path(r['dir']).absolute(), r['params'])
+        if st == 'done': print(f"{r['name']}: done", flush=True); status[r['name']] = st
+        else: pending.append((r, st))
+    threads, t_all = max(1, cpu_count() // jobs), time.monotonic()
+    if pending: print(f"{len(pending)} runs to do, {jobs} at a time with {threads} threads each", flush=True)
+    with ThreadPoolExecutor(jobs) as pool:
+        while pending or running:
+            for r, st in list(pending):
+                if len(running) >= jobs: break
+                if any(status.get(u) in ('failed', 'blocked') for u in r['after']):
+                    print(f"{r['name']}: blocked, an upstream run failed", flush=True); status[r['name']] = 'blocked'
+                    pending.remove((r, st)); continue
+                if not all(done(u) for u in r['after']): continue
+                print(f"{r['name']}: {st} -> {'resume' if st == 'stopped' else 'run'}", flush=True)
+                f = pool.submit(run_one_process, r['notebook'], r['dir'], r['params'], r['resources']['nproc_per_node'], threads, log_output)
+                running[f] = (r, time.monotonic()); pending.remove((r, st))
+            if not running:  # what is left waits for upstream runs outside this invocation (--only) or that did not finish
+                for r, _ in pending: print(f"{r['name']}: waiting for {', '.join(u for u in r['after'] if not done(u))}, not done", flush=True); status[r['name']] = 'waiting'
+                break
+            for f in wait(running, return_when=FIRST_COMPLETED)[0]:
+                r, t0 = running.pop(f)
+                try: f.result(); status[r['name']] = 'ran'; print(f"{r['name']}: ran in {time.monotonic() - t0:.0f} s", flush=True)
+                except Exception as ex:
+                    status[r['name']] = 'failed'
+                    print(f"{r['name']}: failed: {str(ex)[-2000:]}\n  executed notebook: {Path(r['dir']).absolute()/'notebook.ipynb'}", flush=True)
+    if pending or running or status: print(f"{sum(v == 'ran' for v in status.values())} runs in {time.monotonic() - t_all:.0f} s", flush=True)
     return status
 
 def slurm_dependency(job)->bool:
@@ -299,6 +378,7 @@ def _parser():
     ru.add_argument('--dry-run', action='store_true'); ru.add_argument('--log-output', action='store_true')
     ru.add_argument('--profile', default=None, help="a profile of the yaml, e.g. small (CPU-sized, built-in data)")
     ru.add_argument('--only', default=None, help='only these stages (comma-separated), e.g. pretrain')
+    ru.add_argument('--jobs', type=int, default=1, help='local: this many runs side by side, the cores shared between them')
     return ap
 
 def main(argv=None):
@@ -317,7 +397,7 @@ def main(argv=None):
         print(f"qclip launch: done; executed notebook: {a.output}")
         return 0
     try: st = run_experiment(a.experiment, slurm=a.slurm, cluster=a.cluster, wait=not a.no_wait, dry_run=a.dry_run,
-                             log_output=a.log_output, profile=a.profile, only=a.only)
+                             log_output=a.log_output, profile=a.profile, only=a.only, jobs=a.jobs)
     except (ValueError, RuntimeError, FileNotFoundError) as e:  # a bad spec or no cluster: say so, no traceback
         print(f'qclip run: {e}', file=sys.stderr); return 2
     print(json.dumps(st, indent=1))

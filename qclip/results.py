@@ -9,8 +9,9 @@ from pathlib import Path
 import numpy as np, pandas as pd, yaml
 
 # %% auto #0
-__all__ = ['PAPER_TABLE1', 'TABLE1_METRICS', 'LOWER_IS_BETTER', 'DATASET_ROWS', 'FRACTIONS', 'collect_runs', 'table1',
-           'side_by_side', 'ordering', 'plot_table1', 'scaling', 'plot_scaling', 'attention_runs', 'plot_attention']
+__all__ = ['PAPER_TABLE1', 'TABLE1_METRICS', 'LOWER_IS_BETTER', 'DATASET_ROWS', 'FRACTIONS', 'RANDOM_ROW', 'row_name',
+           'collect_runs', 'table1', 'side_by_side', 'ordering', 'plot_table1', 'scaling', 'plot_scaling',
+           'attention_runs', 'plot_attention']
 
 # %% ../nbs/50_results.ipynb #bb9ec519
 PAPER_TABLE1 = pd.DataFrame([
@@ -29,6 +30,16 @@ LOWER_IS_BETTER = {'RMSE'}
 DATASET_ROWS = {'synth-align': 'ALIGN', 'align': 'ALIGN', 'synth-datacomp': 'DataComp', 'datacomp': 'DataComp',
                 'synth-datacompdr': 'DataCompDR', 'datacompdr': 'DataCompDR', 'wit': 'OpenAI-WIT'}
 FRACTIONS = {'top1', 'top5', 'bbox_mAP', 'segm_mAP'}  # reported as fractions by the jobs, as % by the paper
+RANDOM_ROW = 'random init'  # an encoder from a 0-step pretraining run: the floor the paper's rows are measured against
+
+def row_name(dataset, steps=None)->str:
+    "Table row of a pretraining run: its dataset's row in the paper, or `RANDOM_ROW` when it trained 0 steps."
+    if steps is not None and pd.notna(steps) and float(steps) == 0: return RANDOM_ROW
+    return DATASET_ROWS.get(dataset, dataset)
+
+def _rows_of(sel:pd.DataFrame)->list[str]:
+    steps = sel['pre_steps'] if 'pre_steps' in sel else [None] * len(sel)
+    return [row_name(d, n) for d, n in zip(sel['pre_dataset'], steps)]
 
 # %% ../nbs/50_results.ipynb #48759c9f
 def _numbers(d:dict, prefix='')->dict:
@@ -79,13 +90,14 @@ def table1(runs:pd.DataFrame, experiment:str|None=None)->pd.DataFrame:
         if key not in df: continue
         sel = df[(df.stage == stage) & df[key].notna()]
         v = sel[key] * (100 if key in FRACTIONS and (sel[key] <= 1).all() else 1)
-        long += [dict(dataset=DATASET_ROWS.get(ds, ds), metric=col, value=x) for ds, x in zip(sel.pre_dataset, v)]
+        long += [dict(dataset=r, metric=col, value=x) for r, x in zip(_rows_of(sel), v)]
     if not long: return table1(pd.DataFrame())
     g = pd.DataFrame(long).groupby(['dataset', 'metric'])['value'].agg(['mean', 'std', 'count']).rename(columns={'count': 'n'})
     t = g.unstack('metric').swaplevel(axis=1)
     order = [c for c in cols if c in t.columns.get_level_values(0)]
     t = t[[(c, s) for c in order for s in ('mean', 'std', 'n')]]
-    return t.reindex([r for r in PAPER_TABLE1.index if r in t.index] + [r for r in t.index if r not in PAPER_TABLE1.index])
+    first = [r for r in [RANDOM_ROW, *PAPER_TABLE1.index] if r in t.index]
+    return t.reindex(first + [r for r in t.index if r not in first])
 
 def side_by_side(ours:pd.DataFrame, paper:pd.DataFrame|None=None)->pd.DataFrame:
     "Each metric as 'ours (mean ± std)' beside 'paper' (default: `PAPER_TABLE1`), rows = datasets in either table."
@@ -99,7 +111,7 @@ def side_by_side(ours:pd.DataFrame, paper:pd.DataFrame|None=None)->pd.DataFrame:
     return out
 
 def ordering(ours:pd.DataFrame, paper:pd.DataFrame|None=None, rows=('ALIGN', 'DataComp', 'DataCompDR'))->pd.DataFrame:
-    "Per metric: the paper's ranking of `rows` (default table: `PAPER_TABLE1`), ours, whether they agree, and the smallest gap between neighbours against the seed spread."
+    "Per metric: the paper's ranking of `rows` (default table: `PAPER_TABLE1`), ours, whether they agree, the smallest gap between neighbours against the seed spread, and how many rows beat random init."
     paper = PAPER_TABLE1 if paper is None else paper
     out = []
     for col in dict.fromkeys(ours.columns.get_level_values(0)):
@@ -112,10 +124,12 @@ def ordering(ours:pd.DataFrame, paper:pd.DataFrame|None=None, rows=('ALIGN', 'Da
         srt = sorted(r, key=lambda x: sign * ours_m[x])
         gap = min(abs(ours_m[a] - ours_m[b]) for a, b in zip(srt, srt[1:]))
         spread = ours.loc[r, (col, 'std')].max()
+        rnd = ours.loc[RANDOM_ROW, (col, 'mean')] if RANDOM_ROW in ours.index else np.nan
         out.append(dict(metric=col, paper=rank(paper_m) if len(paper_m) == len(r) else '', ours=rank(ours_m),
                         agrees=len(paper_m) == len(r) and rank(paper_m) == rank(ours_m),
                         best_is_datacompdr=srt[-1] == 'DataCompDR', min_gap=gap, max_seed_std=spread,
-                        resolved=bool(pd.notna(spread) and gap > spread)))
+                        resolved=bool(pd.notna(spread) and gap > spread), random_init=rnd,
+                        beat_random=f"{sum(sign * (ours_m[x] - rnd) > 0 for x in r)}/{len(r)}" if pd.notna(rnd) else ''))
     return pd.DataFrame(out)
 
 # %% ../nbs/50_results.ipynb #83f50be0
@@ -128,11 +142,12 @@ def plot_table1(runs:pd.DataFrame, path=None):
         if runs.empty or key not in runs: continue
         sel = runs[(runs.stage == stage) & runs[key].notna()]
         v = sel[key] * (100 if key in FRACTIONS and (sel[key] <= 1).all() else 1)
-        long += [dict(dataset=DATASET_ROWS.get(ds, ds), metric=col + (' (lower is better)' if col in LOWER_IS_BETTER else ''), value=x)
-                 for ds, x in zip(sel.pre_dataset, v)]
+        long += [dict(dataset=r, metric=col + (' (lower is better)' if col in LOWER_IS_BETTER else ''), value=x)
+                 for r, x in zip(_rows_of(sel), v)]
     if not long: return None
     df = pd.DataFrame(long)
-    order = [r for r in PAPER_TABLE1.index if r in set(df.dataset)]
+    order = [r for r in [RANDOM_ROW, *PAPER_TABLE1.index] if r in set(df.dataset)]
+    order += sorted(set(df.dataset) - set(order))
     sns.set_theme(style='whitegrid')
     g = sns.catplot(df, x='dataset', y='value', col='metric', kind='bar', order=order, col_wrap=min(4, df.metric.nunique()),
                     sharey=False, height=2.8, aspect=1.0, errorbar=None, palette='crest', hue='dataset', legend=False)

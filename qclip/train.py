@@ -90,9 +90,9 @@ def check_params(**params)->dict:
         if p['parallel'] == 'fsdp' and p[k]:
             raise ValueError(f"{k}={p[k]!r} is not supported with parallel='fsdp' yet; use parallel='ddp' or {k}={PRETRAIN_DEFAULTS[k]!r}")
     check_choice('device', p['device'], ['auto', 'cpu', 'cuda'])
-    for k in ['steps', 'batch_size', 'log_every', 'eval_every', 'ckpt_every', 'synth_n', 'synth_size', 'val_images']:
+    for k in ['batch_size', 'log_every', 'eval_every', 'ckpt_every', 'synth_n', 'synth_size', 'val_images']:
         p[k] = check_positive(k, p[k])
-    for k in ['warmup', 'workers', 'seed']: p[k] = check_positive(k, p[k], allow_zero=True)
+    for k in ['steps', 'warmup', 'workers', 'seed']: p[k] = check_positive(k, p[k], allow_zero=True)
     for k in ['lr', 'min_lr', 'weight_decay', 'eps', 'grad_clip', 'ema']: p[k] = check_positive(k, p[k], float, allow_zero=True)
     if p['lr'] <= 0: raise ValueError(f"lr={p['lr']!r} is not valid; expected a positive number")
     if not 0 <= p['ema'] < 1: raise ValueError(f"ema={p['ema']!r} is not valid; expected a decay in [0, 1)")
@@ -272,6 +272,8 @@ def _pretrain(p:dict)->dict:
                                       min(256, p['batch_size']), seed=p['seed'], train=False)
     evaluate = lambda: retrieval(ema.module if ema else model, ((x, t) for x, t in make_loader(eval_stream())), dev, p['precision'])
     step, t_log, n_log = start, time.perf_counter(), 0
+    if p['steps'] == 0 and rank == 0 and not log.path.exists():  # the untrained model: the floor (R@1 at chance)
+        log.append(step=0, samples_seen=0, bad_total=0, **(evaluate() if val_shards else {}))
     bar = tqdm(total=p['steps'], initial=start, desc='pretrain', disable=rank != 0, mininterval=2, file=sys.stdout)
     model.train()
     while step < p['steps']:

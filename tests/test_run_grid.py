@@ -39,3 +39,34 @@ def test_grid_runs_each_cell_once_then_skips(tmp_path):
     assert 'caption_source=gt: done' in r.stdout and 'caption_source=syn: stopped -> resume' in r.stdout
     assert (d/'results.json').exists() and (d/'attempts'/'notebook.0.ipynb').exists()
     assert 'resuming from' in (d/'notebook.ipynb').read_text()
+
+def test_staged_runs_side_by_side(tmp_path):
+    "`--jobs 2`: the pretraining runs overlap in time, each linear probe starts once its own encoder is done, a failed "
+    "run blocks only what follows it, and a second invocation skips every finished run."
+    from datetime import datetime
+    pre = dict(steps=2, batch_size=8, warmup=1, log_every=1, eval_every=2, ckpt_every=2, synth_n=256, val_images=64, workers=0)
+    spec = dict(out_root='runs/staged', stages=dict(
+        pretrain=dict(notebook=str(ROOT/'nbs'/'10_pretrain.ipynb'), params=pre, grid=[dict(seed=[0, 1]), dict(seed=[2], lr=[-1.0])]),
+        linear=dict(notebook=str(ROOT/'nbs'/'20_classification.ipynb'), after='pretrain',
+                    params=dict(mode='linear', steps=2, batch_size=8, warmup=1, synth_n=64, synth_val=32, log_every=1, eval_every=2, ckpt_every=2))))
+    (tmp_path/'staged.yaml').write_text(yaml.safe_dump(spec))
+    r = _qclip('run', 'staged.yaml', '--jobs', '2', cwd=tmp_path)
+    assert r.returncode == 1, r.stdout[-3000:] + r.stderr[-3000:]  # seed 2 fails (lr=-1)
+    st = json.loads(r.stdout[r.stdout.rindex('{\n'):])
+    assert st == {'pretrain/seed=0': 'ran', 'pretrain/seed=1': 'ran', 'pretrain/seed=2,lr=-1.0': 'failed',
+                  'linear/seed=0': 'ran', 'linear/seed=1': 'ran', 'linear/seed=2,lr=-1.0': 'blocked'}, r.stdout
+    assert 'lr=-1.0 is not valid' in r.stdout
+    runs = tmp_path/'runs'/'staged'
+    def span(d):
+        m = nbformat.read(str(d/'notebook.ipynb'), as_version=4).metadata['papermill']
+        return datetime.fromisoformat(m['start_time']), datetime.fromisoformat(m['end_time'])
+    (a0, a1), (b0, b1) = span(runs/'pretrain'/'seed=0'), span(runs/'pretrain'/'seed=1')
+    assert a0 < b1 and b0 < a1, 'the two pretraining runs did not overlap'
+    for s in (0, 1):
+        lin = runs/'linear'/f'seed={s}'
+        assert yaml.safe_load((lin/'run.yaml').read_text())['params']['encoder'] == str((runs/'pretrain'/f'seed={s}').absolute())
+        assert span(lin)[0] >= span(runs/'pretrain'/f'seed={s}')[1], 'a linear probe started before its encoder was done'
+        assert 0 <= json.loads((lin/'results.json').read_text())['top1'] <= 1
+    assert not (runs/'linear'/'seed=2,lr=-1.0').exists()
+    r = _qclip('run', 'staged.yaml', '--jobs', '2', '--only', 'linear', cwd=tmp_path)
+    assert r.stdout.count(': done') == 2 and "linear/seed=2,lr=-1.0: waiting for pretrain/seed=2,lr=-1.0" in r.stdout, r.stdout
