@@ -37,7 +37,7 @@ def synth_arrays(name:str, split:str='train', n:int=2048, size:int=64, seed:int=
     for url in synth_shards(name, split, n=n, size=size, seed=seed):
         for s in read_tar(url, BadCounter(what=f'dataset={name!r}')):
             imgs.append(np.asarray(Image.open(io.BytesIO(s['jpg'])).convert('RGB')))
-            main = max(s['json']['objects'], key=lambda o: o['visible_area'])  # as qclip.data.synth.main_object
+            main = max(json.loads(s['json'])['objects'], key=lambda o: o['visible_area'])  # as qclip.data.synth.main_object
             cls.append(int(s['cls'])); colour.append(list(COLOURS).index(main['colour'])); depth.append(decode_dense('depth.png', s['depth.png']))
     cls, colour = torch.tensor(cls), torch.tensor(colour)
     return dict(images=torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).contiguous(), cls=cls, shape=cls, colour=colour,
