@@ -194,7 +194,8 @@ def run_one_process(notebook, run_dir, params:dict, nproc_per_node:int=1, thread
            str(d/'notebook.ipynb'), '-f', str(pf), '--cwd', str(d), '--nproc-per-node', str(nproc_per_node)] + ['--log-output'] * log_output
     p = subprocess.run(cmd, env=env, text=True, stdout=None if log_output else subprocess.DEVNULL, stderr=subprocess.PIPE)
     pf.unlink(missing_ok=True)
-    if p.returncode: raise RuntimeError(p.stderr.strip()[-2000:] or f'qclip launch exited with {p.returncode}')
+    err = '\n'.join(l for l in p.stderr.splitlines() if 'Kernel is running over TCP' not in l).strip()  # jupyter_client's notice
+    if p.returncode: raise RuntimeError(err[-2000:] or f'qclip launch exited with {p.returncode}')
     return json.loads((d/'results.json').read_text()) if (d/'results.json').exists() else None
 
 def cpu_count()->int:
@@ -324,7 +325,8 @@ def _run_side_by_side(todo:list, every:list, jobs:int, log_output:bool=False)->d
         else: pending.append((r, st))
     threads, t_all = max(1, cpu_count() // jobs), time.monotonic()
     if pending: print(f"{len(pending)} runs to do, {jobs} at a time with {threads} threads each", flush=True)
-    with ThreadPoolExecutor(jobs) as pool:
+    pool = ThreadPoolExecutor(jobs)
+    try:
         while pending or running:
             for r, st in list(pending):
                 if len(running) >= jobs: break
@@ -344,6 +346,9 @@ def _run_side_by_side(todo:list, every:list, jobs:int, log_output:bool=False)->d
                 except Exception as ex:
                     status[r['name']] = 'failed'
                     print(f"{r['name']}: failed: {str(ex)[-2000:]}\n  executed notebook: {Path(r['dir']).absolute()/'notebook.ipynb'}", flush=True)
+    except BaseException:  # Ctrl-C or SIGTERM: stop the child launches (and their kernels) before waiting for the threads
+        _stop_children(); raise
+    finally: pool.shutdown(wait=True)
     if pending or running or status: print(f"{sum(v == 'ran' for v in status.values())} runs in {time.monotonic() - t_all:.0f} s", flush=True)
     return status
 
@@ -381,6 +386,8 @@ def _parser():
     ru.add_argument('--jobs', type=int, default=1, help='local: this many runs side by side, the cores shared between them')
     return ap
 
+def _terminated(signum, frame): raise SystemExit(128 + signum)  # SIGTERM unwinds like Ctrl-C: finally blocks run
+
 def main(argv=None):
     "Entry point of the `qclip` command."
     a = _parser().parse_args(argv)
@@ -396,9 +403,14 @@ def main(argv=None):
             return 1
         print(f"qclip launch: done; executed notebook: {a.output}")
         return 0
+    old = signal.signal(signal.SIGTERM, _terminated)
     try: st = run_experiment(a.experiment, slurm=a.slurm, cluster=a.cluster, wait=not a.no_wait, dry_run=a.dry_run,
                              log_output=a.log_output, profile=a.profile, only=a.only, jobs=a.jobs)
     except (ValueError, RuntimeError, FileNotFoundError) as e:  # a bad spec or no cluster: say so, no traceback
         print(f'qclip run: {e}', file=sys.stderr); return 2
+    except (KeyboardInterrupt, SystemExit) as e:
+        print('qclip run: stopped; the runs in progress were stopped too and resume from their checkpoints next time', file=sys.stderr, flush=True)
+        _stop_children(); return e.code if isinstance(e, SystemExit) and isinstance(e.code, int) else 130
+    finally: signal.signal(signal.SIGTERM, old)
     print(json.dumps(st, indent=1))
     return 1 if 'failed' in st.values() else 0

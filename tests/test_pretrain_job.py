@@ -24,11 +24,25 @@ def test_papermill_run_writes_outputs(tmp_path):
     m = open_clip.create_model('tiny-vit', pretrained=str(out/'model.safetensors'))
     torch.testing.assert_close(m.state_dict()['logit_scale'], load_file(out/'model.safetensors')['logit_scale'])
 
+def test_zero_steps_writes_the_untrained_model(tmp_path):
+    "steps=0 (the random-init floor of the downstream tables): the seeded initial weights, results at step 0, no plot."
+    out = tmp_path/'init'
+    _run(tmp_path, out_dir=str(out), **{**TINY, 'steps': 0, 'seed': 3})
+    assert {'params.yaml', 'model.safetensors', 'results.json'} <= {p.name for p in out.iterdir()}
+    r = json.loads((out/'results.json').read_text())
+    assert r['steps'] == 0 and r['samples_seen'] == 0 and 0 <= r['val_i2t_r1'] <= 1
+    from qclip.core import seed_everything
+    from qclip.models import create_clip
+    seed_everything(3)
+    ref = create_clip('tiny-vit').state_dict()
+    got = load_file(out/'model.safetensors')
+    assert all(torch.equal(ref[k], got[k]) for k in got), 'not the model that seed 3 initialises'
+
 @pytest.mark.parametrize('params,message', [
     (dict(model='ViT-X'), "unknown model='ViT-X'"),
     (dict(dataset='laion'), "unknown dataset='laion'"),
     (dict(caption_source='both'), "caption_source='both' is not valid; expected one of: gt, syn, gt+syn"),
-    (dict(steps=0), 'steps=0 is not valid; expected a positive integer'),
+    (dict(steps=-5), 'steps=-5 is not valid; expected a non-negative integer'),
     (dict(batch_size=-1), 'batch_size=-1 is not valid'),
     (dict(dataset='datacompdr', data_root='/nonexistent/shards'), "no webdataset shards (*.tar, or train/*.tar) found at '/nonexistent/shards'"),
 ])

@@ -70,3 +70,28 @@ def test_staged_runs_side_by_side(tmp_path):
     assert not (runs/'linear'/'seed=2,lr=-1.0').exists()
     r = _qclip('run', 'staged.yaml', '--jobs', '2', '--only', 'linear', cwd=tmp_path)
     assert r.stdout.count(': done') == 2 and "linear/seed=2,lr=-1.0: waiting for pretrain/seed=2,lr=-1.0" in r.stdout, r.stdout
+
+def test_stopping_qclip_run_stops_its_runs_and_they_resume(tmp_path):
+    "SIGTERM to `qclip run --jobs 2` (a scheduler, a closed terminal) stops the runs in progress with their kernels, "
+    "leaving no orphan processes; the same command then resumes both from their checkpoints."
+    import signal, psutil
+    spec = dict(notebook=str(ROOT/'nbs'/'10_pretrain.ipynb'), out_root='runs/stop',
+                params=dict(steps=150, batch_size=8, warmup=1, log_every=5, eval_every=1000, ckpt_every=5, synth_n=256, val_images=64, workers=0),
+                grid=dict(seed=[0, 1]))
+    (tmp_path/'stop.yaml').write_text(yaml.safe_dump(spec))
+    p = subprocess.Popen([str(BIN/'qclip'), 'run', 'stop.yaml', '--jobs', '2'], cwd=tmp_path, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, env={**os.environ, 'OMP_NUM_THREADS': '2'})
+    runs, deadline = tmp_path/'runs'/'stop', time.time() + 300
+    while time.time() < deadline and not all((runs/f'seed={s}'/'checkpoint.pt').exists() for s in (0, 1)): time.sleep(0.2)
+    kids = psutil.Process(p.pid).children(recursive=True)
+    assert len(kids) >= 4, kids  # two `qclip launch` children, each with its kernel
+    p.send_signal(signal.SIGTERM)
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 143 and 'stopped' in err, (p.returncode, out[-2000:], err[-2000:])
+    assert not psutil.wait_procs(kids, timeout=20)[1], 'processes of the stopped runs are still running'
+    assert not any(runs.glob('*/results.json'))
+    r = _qclip('run', 'stop.yaml', '--jobs', '2', cwd=tmp_path)
+    assert r.returncode == 0 and r.stdout.count('stopped -> resume') == 2, r.stdout[-3000:] + r.stderr[-3000:]
+    for s in (0, 1):
+        assert json.loads((runs/f'seed={s}'/'results.json').read_text())['steps'] == 150
+        assert 'resuming from' in (runs/f'seed={s}'/'notebook.ipynb').read_text()
