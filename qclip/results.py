@@ -125,9 +125,9 @@ def ordering(ours:pd.DataFrame, paper:pd.DataFrame|None=None, rows=('ALIGN', 'Da
         gap = min(abs(ours_m[a] - ours_m[b]) for a, b in zip(srt, srt[1:]))
         spread = ours.loc[r, (col, 'std')].max()
         rnd = ours.loc[RANDOM_ROW, (col, 'mean')] if RANDOM_ROW in ours.index else np.nan
-        out.append(dict(metric=col, paper=rank(paper_m) if len(paper_m) == len(r) else '', ours=rank(ours_m),
-                        agrees=len(paper_m) == len(r) and rank(paper_m) == rank(ours_m),
-                        best_is_datacompdr=srt[-1] == 'DataCompDR', min_gap=gap, max_seed_std=spread,
+        out.append(dict(metric=col, paper=rank(paper_m) if len(paper_m) == len(r) else '', ours=rank(ours_m) if gap > 0 else 'tie',
+                        agrees=len(paper_m) == len(r) and rank(paper_m) == rank(ours_m) and gap > 0,  # a tie is no ordering
+                        best_is_datacompdr=srt[-1] == 'DataCompDR' and gap > 0, min_gap=gap, max_seed_std=spread,
                         resolved=bool(pd.notna(spread) and gap > spread), random_init=rnd,
                         beat_random=f"{sum(sign * (ours_m[x] - rnd) > 0 for x in r)}/{len(r)}" if pd.notna(rnd) else ''))
     return pd.DataFrame(out)
