@@ -45,6 +45,7 @@ pretrain: $(STAMP)
 # encoder on the four tasks, then the results page (our table beside the paper's). Rerunning skips finished runs.
 reproduce: $(MM_STAMP)
 	$(BIN)/qclip run experiments/table1.yaml --profile small --jobs $(JOBS)
+	$(BIN)/qclip run experiments/fig3.yaml --profile small --only attention
 	mkdir -p $(RUNS)/results
 	$(BIN)/papermill nbs/50_results.ipynb $(RUNS)/results/50_results.ipynb -p runs_root $(abspath $(RUNS)) -p out_dir $(abspath $(RUNS))/results
 

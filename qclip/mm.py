@@ -212,7 +212,7 @@ RECIPES.update({
 _SMALL = dict(dataset='synth', img_size=64, synth_n=(1024, 256), gpus=1, workers=0, log_interval=5, drop_path=0.0)
 _SMALL_RCNN = dict(neck_channels=64, fc_channels=256, roi_samples=128, proposals=200, synth_n=(1024, 128),
                    anchor_scale=4)  # scenes of <= 4 shapes; 16-px anchors at stride 4 for 14-36 px shapes
-for _n, _small in [('upernet-vit', dict(encoder='tiny-vit', pyramid_channels=64, head_channels=64, iters=600, warmup=30,
+for _n, _small in [('upernet-vit', dict(encoder='tiny-vit', pyramid_channels=64, head_channels=64, iters=1200, warmup=30,
                                         batch_size=8, lr=1e-3, weight_decay=0.01, test_mode='whole')),
                    ('semfpn-mci', dict(encoder='tiny-mci', head_channels=32, iters=300, batch_size=8, lr=1e-3)),
                    ('mask-rcnn-vit', dict(**_SMALL_RCNN, encoder='tiny-vit', pyramid_channels=64, scale_range=(0.8, 1.25), iters=200,

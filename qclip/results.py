@@ -149,8 +149,10 @@ def plot_table1(runs:pd.DataFrame, path=None):
     order = [r for r in [RANDOM_ROW, *PAPER_TABLE1.index] if r in set(df.dataset)]
     order += sorted(set(df.dataset) - set(order))
     sns.set_theme(style='whitegrid')
+    rows = [r for r in order if r != RANDOM_ROW]  # caption quality light to dark; random init grey
+    pal = {**dict(zip(rows, sns.color_palette('crest', len(rows)))), RANDOM_ROW: (0.7, 0.7, 0.7)}
     g = sns.catplot(df, x='dataset', y='value', col='metric', kind='bar', order=order, col_wrap=min(4, df.metric.nunique()),
-                    sharey=False, height=2.8, aspect=1.0, errorbar=None, palette='crest', hue='dataset', legend=False)
+                    sharey=False, height=2.8, aspect=1.0, errorbar=None, palette=pal, hue='dataset', legend=False)
     g.map_dataframe(sns.stripplot, x='dataset', y='value', order=order, color='k', size=4)
     g.set_titles('{col_name}').set_axis_labels('', '')
     for ax in g.axes.flat: ax.tick_params(axis='x', rotation=20)
