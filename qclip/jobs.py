@@ -11,8 +11,8 @@ from .distributed import LAUNCH_ENV
 
 # %% auto #0
 __all__ = ['RESOURCES', 'environ', 'launch_env', 'execute_notebook', 'expand_grid', 'run_name', 'merge_spec', 'read_spec',
-           'load_experiment', 'run_status', 'run_one', 'run_one_process', 'cpu_count', 'NotebookJob', 'slurm_executor',
-           'run_experiment', 'slurm_dependency', 'main']
+           'load_experiment', 'run_status', 'start_run', 'run_one', 'run_one_process', 'cpu_count', 'NotebookJob',
+           'slurm_executor', 'run_experiment', 'slurm_dependency', 'main']
 
 # %% ../nbs/07a_jobs.ipynb #752faa2e
 @contextlib.contextmanager
@@ -159,12 +159,24 @@ def load_experiment(path, profile:str|None=None)->dict:
 
 # %% ../nbs/07a_jobs.ipynb #653633a6
 def run_status(run_dir, params:dict)->str:
-    "'done', 'stopped' (a checkpoint to resume), 'changed' (done with other parameters) or 'new'."
+    "'done', 'stopped' (a checkpoint to resume), 'changed' (done or started with other parameters) or 'new'."
     d = Path(run_dir)
-    if (d/'results.json').exists():
-        saved = yaml.safe_load((d/'run.yaml').read_text()).get('params') if (d/'run.yaml').exists() else None
-        return 'done' if saved == params else 'changed'
+    saved = (yaml.safe_load((d/'run.yaml').read_text()) or {}).get('params') if (d/'run.yaml').exists() else None
+    if (d/'results.json').exists(): return 'done' if saved == params else 'changed'
+    if saved is not None and saved != params: return 'changed'
     return 'stopped' if (d/'checkpoint.pt').exists() else 'new'
+
+def start_run(run_dir, notebook, params:dict)->Path:
+    "Ready `run_dir` for `notebook` with `params`: a run left there with other parameters moves to `attempts/run<k>/`."
+    d = Path(run_dir).absolute(); d.mkdir(parents=True, exist_ok=True)
+    if run_status(d, params) == 'changed':
+        (d/'attempts').mkdir(exist_ok=True)
+        old = d/'attempts'/f"run{len([p for p in (d/'attempts').iterdir() if p.is_dir()])}"; old.mkdir()
+        for p in list(d.iterdir()):
+            if p.name != 'attempts': p.rename(old/p.name)
+    (d/'run.yaml').write_text(yaml.safe_dump(dict(notebook=str(notebook), params=params), sort_keys=False))
+    _keep_attempt(d/'notebook.ipynb')
+    return d
 
 def _keep_attempt(nb_path:Path):
     if nb_path.exists():
@@ -174,9 +186,7 @@ def _keep_attempt(nb_path:Path):
 
 def run_one(notebook, run_dir, params:dict, nproc_per_node:int=1, log_output:bool=False):
     "Execute one run of a job notebook into `run_dir` (out_dir = run_dir); resumes what a previous attempt left."
-    d = Path(run_dir).absolute(); d.mkdir(parents=True, exist_ok=True)
-    (d/'run.yaml').write_text(yaml.safe_dump(dict(notebook=str(notebook), params=params), sort_keys=False))
-    _keep_attempt(d/'notebook.ipynb')
+    d = start_run(run_dir, notebook, params)
     execute_notebook(notebook, d/'notebook.ipynb', {**params, 'out_dir': str(d)}, nproc_per_node=nproc_per_node,
                      cwd=d, log_output=log_output)
     return json.loads((d/'results.json').read_text()) if (d/'results.json').exists() else None
@@ -185,9 +195,7 @@ def run_one(notebook, run_dir, params:dict, nproc_per_node:int=1, log_output:boo
 def run_one_process(notebook, run_dir, params:dict, nproc_per_node:int=1, threads:int|None=None, log_output:bool=False):
     "`run_one` in a child `qclip launch` process with `threads` OpenMP threads, so that several can run side by side."
     import subprocess
-    d = Path(run_dir).absolute(); d.mkdir(parents=True, exist_ok=True)
-    (d/'run.yaml').write_text(yaml.safe_dump(dict(notebook=str(notebook), params=params), sort_keys=False))
-    _keep_attempt(d/'notebook.ipynb')
+    d = start_run(run_dir, notebook, params)
     pf = d/'.launch.yaml'; pf.write_text(yaml.safe_dump({**params, 'out_dir': str(d)}, sort_keys=False))
     env = {**os.environ, **({'OMP_NUM_THREADS': str(threads), 'MKL_NUM_THREADS': str(threads)} if threads else {})}
     cmd = [sys.executable, '-c', 'import sys; from qclip.jobs import main; sys.exit(main())', 'launch', str(Path(notebook).absolute()),
@@ -224,9 +232,7 @@ class NotebookJob(Checkpointable):
         import submitit
         env, d = submitit.JobEnvironment(), Path(run_dir)
         if env.num_tasks > 1: submitit.helpers.TorchDistributedEnvironment().export(overwrite=True)
-        if env.global_rank == 0:
-            (d/'run.yaml').write_text(yaml.safe_dump(dict(notebook=str(notebook), params=params), sort_keys=False))
-            _keep_attempt(d/'notebook.ipynb')
+        if env.global_rank == 0: start_run(d, notebook, params)  # a requeued job resumes; a changed run starts over
         out = d/'notebook.ipynb' if env.global_rank == 0 else d/'logs'/f'rank{env.global_rank}.ipynb'
         print(f'task {env.global_rank}/{env.num_tasks} of job {env.job_id}: {notebook} -> {out}', flush=True)
         execute_notebook(notebook, out, {**params, 'out_dir': str(d)}, cwd=d)
@@ -286,7 +292,7 @@ def run_experiment(
                        and run_status(Path(u['dir']).absolute(), u['params']) != 'done']
             if pending:
                 print(f"{r['name']}: waiting for {', '.join(pending)}, not done", flush=True); status[r['name']] = 'waiting'; continue
-        print(f"{r['name']}: {st}" + ('' if st == 'done' else ' -> ' + ('would run' if dry_run else 'resume' if st == 'stopped' else 'run')), flush=True)
+        print(f"{r['name']}: {st}" + ('' if st == 'done' else ' -> ' + ('would run' if dry_run else _ACTION[st])), flush=True)
         if st == 'done' or dry_run: status[r['name']] = st; continue
         if slurm:
             ex = slurm_executor(Path(e['out_root']).absolute()/'.submitit', res, cluster, name=f"{Path(path).stem}:{r['name']}")
@@ -334,7 +340,7 @@ def _run_side_by_side(todo:list, every:list, jobs:int, log_output:bool=False)->d
                     print(f"{r['name']}: blocked, an upstream run failed", flush=True); status[r['name']] = 'blocked'
                     pending.remove((r, st)); continue
                 if not all(done(u) for u in r['after']): continue
-                print(f"{r['name']}: {st} -> {'resume' if st == 'stopped' else 'run'}", flush=True)
+                print(f"{r['name']}: {st} -> {_ACTION[st]}", flush=True)
                 f = pool.submit(run_one_process, r['notebook'], r['dir'], r['params'], r['resources']['nproc_per_node'], threads, log_output)
                 running[f] = (r, time.monotonic()); pending.remove((r, st))
             if not running:  # what is left waits for upstream runs outside this invocation (--only) or that did not finish
@@ -351,6 +357,8 @@ def _run_side_by_side(todo:list, every:list, jobs:int, log_output:bool=False)->d
     finally: pool.shutdown(wait=True)
     if pending or running or status: print(f"{sum(v == 'ran' for v in status.values())} runs in {time.monotonic() - t_all:.0f} s", flush=True)
     return status
+
+_ACTION = {'stopped': 'resume', 'new': 'run', 'changed': 'run again from scratch (the earlier run moves to attempts/)'}
 
 def slurm_dependency(job)->bool:
     "Can a later SLURM job wait for `job` with `--dependency` (a real SLURM job, not submitit's local/debug ones)?"

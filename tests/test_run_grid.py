@@ -39,6 +39,17 @@ def test_grid_runs_each_cell_once_then_skips(tmp_path):
     assert 'caption_source=gt: done' in r.stdout and 'caption_source=syn: stopped -> resume' in r.stdout
     assert (d/'results.json').exists() and (d/'attempts'/'notebook.0.ipynb').exists()
     assert 'resuming from' in (d/'notebook.ipynb').read_text()
+    # a finished run asked for another lr starts over (resuming its last checkpoint would return the old lr's run);
+    # the old run is kept whole under attempts/
+    spec['grid'] = dict(caption_source=['syn']); spec['params']['lr'] = 5e-4
+    (tmp_path/'grid.yaml').write_text(yaml.safe_dump(spec))
+    old = (d/'metrics.jsonl').read_text()
+    r = _qclip('run', 'grid.yaml', cwd=tmp_path)
+    assert r.returncode == 0 and 'caption_source=syn: changed -> run again from scratch' in r.stdout, r.stdout[-3000:]
+    assert 'resuming from' not in (d/'notebook.ipynb').read_text()
+    assert (d/'attempts'/'run0'/'metrics.jsonl').read_text() == old and (d/'attempts'/'run0'/'results.json').exists()
+    lrs = [json.loads(l)['lr'] for l in (d/'metrics.jsonl').read_text().splitlines()]
+    assert max(lrs) <= 5e-4 + 1e-12 and yaml.safe_load((d/'params.yaml').read_text())['lr'] == 5e-4
 
 def test_staged_runs_side_by_side(tmp_path):
     "`--jobs 2`: the pretraining runs overlap in time, each linear probe starts once its own encoder is done, a failed "
