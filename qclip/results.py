@@ -11,7 +11,7 @@ import numpy as np, pandas as pd, yaml
 # %% auto #0
 __all__ = ['PAPER_TABLE1', 'TABLE1_METRICS', 'LOWER_IS_BETTER', 'DATASET_ROWS', 'FRACTIONS', 'RANDOM_ROW', 'row_name',
            'collect_runs', 'table1', 'side_by_side', 'ordering', 'plot_table1', 'scaling', 'plot_scaling',
-           'attention_runs', 'plot_attention']
+           'attention_runs', 'short_name', 'plot_attention']
 
 # %% ../nbs/50_results.ipynb #bb9ec519
 PAPER_TABLE1 = pd.DataFrame([
@@ -192,10 +192,18 @@ def attention_runs(root)->pd.DataFrame:
     dfs = [pd.read_csv(f).assign(experiment=f.relative_to(root).parts[0]) for f in sorted(root.rglob('attention_distance.csv'))] if root.is_dir() else []
     return pd.concat(dfs, ignore_index=True) if dfs else pd.DataFrame(columns=['model', 'layer', 'head', 'distance', 'experiment'])
 
+def short_name(name)->str:
+    "A run folder's name as a panel title: 'synth-align gt seed=0'; a 0-step pretraining is 'random init seed=0'."
+    kv = dict(p.split('=', 1) for p in str(name).split(',') if '=' in p)
+    if not kv: return str(name)
+    if kv.get('steps') == '0': return ' '.join(['random init'] + [f"seed={kv['seed']}"] * ('seed' in kv))
+    return ' '.join(v if k in ('dataset', 'caption_source') else f'{k}={v}' for k, v in kv.items())
+
 def plot_attention(df:pd.DataFrame, path=None):
     "Fig. 3: mean attention distance per layer, one dot per head, one panel per model."
     import seaborn as sns
     if df.empty: return None
+    df = df.assign(model=df.model.map(short_name))
     g = sns.catplot(data=df, x='layer', y='distance', col='model', hue='head', kind='strip', palette='viridis', legend=False,
                     height=3, aspect=1.1, col_wrap=min(3, df.model.nunique()))
     g.set_axis_labels('layer', 'mean attention distance (px)').set_titles('{col_name}')
