@@ -179,7 +179,7 @@ def synth_coco(n_train:int=1024, n_val:int=256, size:int=64, seed:int=0)->Path:
 # %% ../nbs/08b_mm.ipynb #4992b058
 _SEG = ['mmseg::_base_/default_runtime.py', 'mmseg::_base_/datasets/ade20k.py', 'mmseg::_base_/schedules/schedule_160k.py']
 _DET = ['mmdet::_base_/default_runtime.py', 'mmdet::_base_/datasets/coco_instance.py', 'mmdet::_base_/schedules/schedule_1x.py']
-_RCNN = dict(neck_channels=256, fc_channels=1024, roi_samples=512, proposals=1000, anchor_scale=8)  # mmdet's Mask R-CNN
+_RCNN = dict(neck_channels=256, fc_channels=1024, roi_samples=512, proposals=1000, anchor_scales=(8,), rpn_pos_iou=0.7)  # mmdet's Mask R-CNN
 RECIPES = Registry('recipe')
 RECIPES.update({
     'upernet-vit': dict(task='seg', paper='Tables 7, 14', bases=['mmseg::_base_/models/upernet_mae.py', *_SEG],
@@ -211,7 +211,7 @@ RECIPES.update({
 })
 _SMALL = dict(dataset='synth', img_size=64, synth_n=(1024, 256), gpus=1, workers=0, log_interval=5, drop_path=0.0)
 _SMALL_RCNN = dict(neck_channels=64, fc_channels=256, roi_samples=128, proposals=200, synth_n=(1024, 128),
-                   anchor_scale=4)  # scenes of <= 4 shapes; 16-px anchors at stride 4 for 14-36 px shapes
+                   anchor_scales=(4, 6), rpn_pos_iou=0.5)  # scenes of <= 4 shapes, 13-33 px: see "Anchors at 64 px" below
 for _n, _small in [('upernet-vit', dict(encoder='tiny-vit', pyramid_channels=64, head_channels=64, iters=1200, warmup=30,
                                         batch_size=8, lr=1e-3, weight_decay=0.01, test_mode='whole')),
                    ('semfpn-mci', dict(encoder='tiny-mci', head_channels=32, iters=300, batch_size=8, lr=1e-3)),
@@ -219,7 +219,7 @@ for _n, _small in [('upernet-vit', dict(encoder='tiny-vit', pyramid_channels=64,
                                           warmup=20, batch_size=4, lr=1e-3)),
                    ('cascade-mask-rcnn-vit', dict(**_SMALL_RCNN, encoder='tiny-vit', pyramid_channels=64, scale_range=(0.8, 1.25), iters=200,
                                                   warmup=20, batch_size=4, lr=1e-3)),
-                   ('mask-rcnn-mci', dict(**_SMALL_RCNN, encoder='tiny-mci', scale_range=(0.8, 1.25), iters=200, warmup=20, batch_size=4, lr=1e-3))]:
+                   ('mask-rcnn-mci', dict(**_SMALL_RCNN, encoder='tiny-mci', scale_range=(0.8, 1.25), iters=300, warmup=20, batch_size=4, lr=3e-4))]:
     RECIPES[f'{_n}-small'] = {**RECIPES[_n], **_SMALL, **_small, 'paper': f"CPU-sized {_n} ({RECIPES[_n]['paper']} at scale)",
                               'val_interval': None, 'ckpt_interval': None}
 
@@ -305,7 +305,8 @@ def _det_model(cfg:Config, r:dict, num_classes:int, backbone:dict, out_channels:
     m.backbone, m.data_preprocessor.pad_size_divisor = backbone, 32
     m.neck.update(in_channels=out_channels, out_channels=c, num_outs=5)  # FPN: strides 4-32 + a max-pooled 64
     m.rpn_head.update(in_channels=c, feat_channels=c)
-    m.rpn_head.anchor_generator.scales = [r['anchor_scale']]
+    m.rpn_head.anchor_generator.scales = list(r['anchor_scales'])
+    m.train_cfg.rpn.assigner.pos_iou_thr = r['rpn_pos_iou']
     heads = m.roi_head.bbox_head if isinstance(m.roi_head.bbox_head, list) else [m.roi_head.bbox_head]
     for h in heads: h.update(in_channels=c, num_classes=num_classes, fc_out_channels=r['fc_channels'])
     m.roi_head.bbox_roi_extractor.out_channels = m.roi_head.mask_roi_extractor.out_channels = c
