@@ -20,9 +20,9 @@ from .data.synth import CLASSES, SHAPES, COLOURS, synth_shards
 from .heads import dense_encoder, is_vit, layer_decay_groups, is_arch
 
 # %% auto #0
-__all__ = ['SYNTH', 'LAYOUTS', 'RECIPES', 'PALETTE', 'JOB_KEYS', 'load_from_local', 'QCLIPBackbone', 'QCLIPViT', 'QCLIPMCi',
-           'QCLIPLayerDecayConstructor', 'check_layout', 'synth_ade20k', 'synth_coco', 'resolve_recipe', 'mm_config',
-           'run_mm', 'mm_losses', 'plot_losses']
+__all__ = ['SYNTH', 'LAYOUTS', 'DET_LABELS', 'RECIPES', 'PALETTE', 'JOB_KEYS', 'load_from_local', 'QCLIPBackbone', 'QCLIPViT',
+           'QCLIPMCi', 'QCLIPLayerDecayConstructor', 'check_layout', 'synth_ade20k', 'synth_coco', 'resolve_recipe',
+           'mm_config', 'run_mm', 'mm_losses', 'plot_losses']
 
 # %% ../nbs/08b_mm.ipynb #a15fea32
 @CheckpointLoader.register_scheme(prefixes='', force=True)
@@ -150,8 +150,12 @@ def synth_ade20k(n_train:int=1024, n_val:int=256, size:int=64, seed:int=0)->Path
                 (d/'annotations'/sub/f"{s['__key__']}.png").write_bytes(s['seg.png'])
     return _build_once(f'ade20k-{SYNTH}-v1-s{size}-n{n_train}-{n_val}-seed{seed}', write)
 
-def _coco_json(split:str, n:int, size:int, seed:int, img_dir:Path)->dict:
-    "COCO instances json of one split, writing its images into `img_dir`."
+DET_LABELS = {'shape': SHAPES, 'colour': list(COLOURS), 'object': [f'{c} {s}' for c in COLOURS for s in SHAPES]}
+
+def _category(o:dict, label:str)->str: return {'shape': o['shape'], 'colour': o['colour'], 'object': f"{o['colour']} {o['shape']}"}[label]
+
+def _coco_json(split:str, n:int, size:int, seed:int, img_dir:Path, label:str='shape')->dict:
+    "COCO instances json of one split, writing its images into `img_dir`; categories are the objects' `label` (DET_LABELS)."
     from pycocotools import mask as mask_utils
     from qclip.data.synth import decode_dense
     images, anns = [], []
@@ -162,19 +166,22 @@ def _coco_json(split:str, n:int, size:int, seed:int, img_dir:Path)->dict:
         for o, (x0, y0, x1, y1) in zip(meta['objects'], meta['boxes']):
             m = inst == o['id']
             rle = mask_utils.encode(np.asfortranarray(m.astype(np.uint8))); rle['counts'] = rle['counts'].decode()
-            anns.append(dict(id=len(anns) + 1, image_id=i + 1, category_id=SHAPES.index(o['shape']) + 1, segmentation=rle,
+            anns.append(dict(id=len(anns) + 1, image_id=i + 1, category_id=DET_LABELS[label].index(_category(o, label)) + 1, segmentation=rle,
                              area=float(m.sum()), bbox=[float(x0), float(y0), float(x1 - x0), float(y1 - y0)], iscrowd=0))
-    return dict(images=images, annotations=anns, categories=[dict(id=i + 1, name=s) for i, s in enumerate(SHAPES)])
+    return dict(images=images, annotations=anns, categories=[dict(id=i + 1, name=s) for i, s in enumerate(DET_LABELS[label])])
 
-def synth_coco(n_train:int=1024, n_val:int=256, size:int=64, seed:int=0)->Path:
+def synth_coco(n_train:int=1024, n_val:int=256, size:int=64, seed:int=0,
+               label:str='shape', # the category of a box: shape (8), colour (8) or object = colour + shape (64)
+              )->Path:
     "The synthetic scenes in COCO instances layout (mmdet), generated into qclip's cache on first use."
     n_train, n_val, size = check_positive('n_train', n_train), check_positive('n_val', n_val), check_positive('size', size)
+    check_choice('label', label, DET_LABELS)
     def write(d:Path):
         (d/'annotations').mkdir()
         for split, n in [('train', n_train), ('val', n_val)]:
             (d/f'{split}2017').mkdir()
-            (d/'annotations'/f'instances_{split}2017.json').write_text(json.dumps(_coco_json(split, n, size, seed, d/f'{split}2017')))
-    return _build_once(f'coco-{SYNTH}-v1-s{size}-n{n_train}-{n_val}-seed{seed}', write)
+            (d/'annotations'/f'instances_{split}2017.json').write_text(json.dumps(_coco_json(split, n, size, seed, d/f'{split}2017', label)))
+    return _build_once(f'coco-{SYNTH}-v1-s{size}-n{n_train}-{n_val}-seed{seed}' + ('' if label == 'shape' else f'-{label}'), write)
 
 # %% ../nbs/08b_mm.ipynb #4992b058
 _SEG = ['mmseg::_base_/default_runtime.py', 'mmseg::_base_/datasets/ade20k.py', 'mmseg::_base_/schedules/schedule_160k.py']
@@ -210,7 +217,7 @@ RECIPES.update({
         sources='Table 13; FPN 256 over the 4 MCi stages: mmdet mask-rcnn_r50_fpn_1x'),
 })
 _SMALL = dict(dataset='synth', img_size=64, synth_n=(1024, 256), gpus=1, workers=0, log_interval=5, drop_path=0.0)
-_SMALL_RCNN = dict(neck_channels=64, fc_channels=256, roi_samples=128, proposals=200, synth_n=(1024, 128),
+_SMALL_RCNN = dict(neck_channels=64, fc_channels=256, roi_samples=128, proposals=200, synth_n=(1024, 128), label='object',
                    anchor_scales=(4, 6), rpn_pos_iou=0.5)  # scenes of <= 4 shapes, 13-33 px: see "Anchors at 64 px" below
 for _n, _small in [('upernet-vit', dict(encoder='tiny-vit', pyramid_channels=64, head_channels=64, iters=1200, warmup=30,
                                         batch_size=8, lr=1e-3, weight_decay=0.01, test_mode='whole')),
@@ -280,7 +287,7 @@ def _seg_schedule(cfg:Config, r:dict):
 # %% ../nbs/08b_mm.ipynb #5998268b
 def _det_data(cfg:Config, r:dict, root:Path):
     s, (lo, hi) = r['img_size'], r['scale_range']
-    meta = dict(classes=tuple(SHAPES)) if r['dataset'] == 'synth' else None
+    meta = dict(classes=tuple(DET_LABELS[r['label']])) if r['dataset'] == 'synth' else None
     train = [dict(type='LoadImageFromFile'), dict(type='LoadAnnotations', with_bbox=True, with_mask=True),
              dict(type='RandomFlip', prob=0.5),
              dict(type='RandomResize', scale=(s, s), ratio_range=(lo, hi), keep_ratio=True),  # large-scale jitter (ViTDet)
@@ -298,7 +305,7 @@ def _det_data(cfg:Config, r:dict, root:Path):
     cfg.test_dataloader = copy.deepcopy(cfg.val_dataloader)
     cfg.val_evaluator.ann_file = cfg.test_evaluator.ann_file = str(root/'annotations'/'instances_val2017.json')
     cfg.train_pipeline, cfg.test_pipeline, cfg.data_root, cfg.image_size = train, test, str(root) + '/', (s, s)
-    return len(SHAPES) if meta else 80
+    return len(meta['classes']) if meta else 80
 
 def _det_model(cfg:Config, r:dict, num_classes:int, backbone:dict, out_channels:list):
     m, c = cfg.model, r['neck_channels']
@@ -333,7 +340,7 @@ def _det_schedule(cfg:Config, r:dict):
         cfg.default_hooks.logger.update(interval=r['log_interval'])
 
 # %% ../nbs/08b_mm.ipynb #7d18110c
-JOB_KEYS = ('encoder', 'arch', 'dataset', 'data_root', 'iters', 'batch_size', 'lr', 'layer_decay', 'drop_path', 'weight_decay', 'workers', 'synth_n')
+JOB_KEYS = ('encoder', 'arch', 'dataset', 'data_root', 'iters', 'batch_size', 'lr', 'layer_decay', 'drop_path', 'weight_decay', 'workers', 'synth_n', 'label')
 
 def resolve_recipe(recipe:str, **params)->dict:
     "The recipe's values with the job parameters that are not None put in their place (checked)."
@@ -346,6 +353,9 @@ def resolve_recipe(recipe:str, **params)->dict:
         r[k] = check_positive(k, r[k], kind=int if k in ('batch_size', 'workers') else float, allow_zero=k not in ('batch_size', 'lr', 'layer_decay'))
     if r.get('iters') is not None: r['iters'] = check_positive('iters', r['iters'])
     if r['layer_decay'] > 1: raise ValueError(f"layer_decay={r['layer_decay']} is not valid; expected a number in (0, 1]")
+    if params.get('label') not in (None, '') and (r['task'] != 'det' or r['dataset'] != 'synth'):
+        raise ValueError(f"label={params['label']!r} is not valid here: it picks the categories of the built-in detection scenes (dataset='synth')")
+    if r['task'] == 'det' and r['dataset'] == 'synth': r['label'] = check_choice('label', r.get('label') or 'object', DET_LABELS)
     if r['dataset'] == 'synth':
         n = r.get('synth_n') or (1024, 256)
         if not isinstance(n, (list, tuple)) or len(n) != 2: raise ValueError(f"synth_n={n!r} is not valid; expected [train images, val images]")
@@ -362,7 +372,7 @@ def mm_config(
 )->Config:
     "The classic mm config of a paper recipe (RECIPES), with job parameters and `cfg_options` applied."
     r = resolve_recipe(recipe, **params)
-    if r['dataset'] == 'synth': root = (synth_ade20k if r['task'] == 'seg' else synth_coco)(*r['synth_n'], size=64, seed=0)
+    if r['dataset'] == 'synth': root = synth_ade20k(*r['synth_n'], size=64, seed=0) if r['task'] == 'seg' else synth_coco(*r['synth_n'], size=64, seed=0, label=r['label'])
     else: root = check_layout(r['dataset'], r.get('data_root') or '')
     cfg = _from_bases(r['bases'])
     backbone = dict(type=r['backbone'], encoder=str(r['encoder']), arch=r.get('arch') or None, img_size=r['img_size'],
@@ -397,7 +407,11 @@ def run_mm(cfg:Config)->dict:
     runner = Runner.from_cfg(cfg)
     runner.train()
     metrics = runner.test()
-    return {k.split('/')[-1]: float(v) for k, v in metrics.items() if isinstance(v, (int, float, np.floating))}
+    out = {k.split('/')[-1]: float(v) for k, v in metrics.items() if isinstance(v, (int, float, np.floating))}
+    if cfg.get('qclip', {}).get('task') == 'det' and 'bbox_mAP' not in out:  # mmdet's CocoMetric returns nothing then
+        print(f"no detection scored above {cfg.model.test_cfg.rcnn.score_thr} on the test set: box and mask AP are 0")
+        out.update({f'{t}_mAP{s}': 0.0 for t in ('bbox', 'segm') for s in ('', '_50', '_75')})
+    return out
 
 def mm_losses(work_dir)->list[dict]:
     "Training log rows (iter, loss, lr, ...) of all runs in `work_dir`, sorted by iteration."
