@@ -356,6 +356,7 @@ def resolve_recipe(recipe:str, **params)->dict:
     if params.get('label') not in (None, '') and (r['task'] != 'det' or r['dataset'] != 'synth'):
         raise ValueError(f"label={params['label']!r} is not valid here: it picks the categories of the built-in detection scenes (dataset='synth')")
     if r['task'] == 'det' and r['dataset'] == 'synth': r['label'] = check_choice('label', r.get('label') or 'object', DET_LABELS)
+    else: r.pop('label', None)  # real data brings its own categories
     if r['dataset'] == 'synth':
         n = r.get('synth_n') or (1024, 256)
         if not isinstance(n, (list, tuple)) or len(n) != 2: raise ValueError(f"synth_n={n!r} is not valid; expected [train images, val images]")
