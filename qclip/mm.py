@@ -17,12 +17,13 @@ from mmseg.registry import MODELS as SEG_MODELS
 from mmdet.registry import MODELS as DET_MODELS
 from .core import Registry, cache_dir, check_choice, check_positive, atomic_write_text
 from .data.synth import CLASSES, SHAPES, COLOURS, synth_shards
+from .finetune import SYNTH_LABELS
 from .heads import dense_encoder, is_vit, layer_decay_groups, is_arch
 
 # %% auto #0
-__all__ = ['SYNTH', 'LAYOUTS', 'DET_LABELS', 'RECIPES', 'PALETTE', 'JOB_KEYS', 'load_from_local', 'QCLIPBackbone', 'QCLIPViT',
-           'QCLIPMCi', 'QCLIPLayerDecayConstructor', 'check_layout', 'synth_ade20k', 'synth_coco', 'resolve_recipe',
-           'mm_config', 'run_mm', 'mm_losses', 'plot_losses']
+__all__ = ['SYNTH', 'LAYOUTS', 'RECIPES', 'PALETTE', 'JOB_KEYS', 'load_from_local', 'QCLIPBackbone', 'QCLIPViT', 'QCLIPMCi',
+           'QCLIPLayerDecayConstructor', 'check_layout', 'synth_ade20k', 'synth_coco', 'resolve_recipe', 'mm_config',
+           'run_mm', 'mm_losses', 'plot_losses']
 
 # %% ../nbs/08b_mm.ipynb #a15fea32
 @CheckpointLoader.register_scheme(prefixes='', force=True)
@@ -150,12 +151,10 @@ def synth_ade20k(n_train:int=1024, n_val:int=256, size:int=64, seed:int=0)->Path
                 (d/'annotations'/sub/f"{s['__key__']}.png").write_bytes(s['seg.png'])
     return _build_once(f'ade20k-{SYNTH}-v1-s{size}-n{n_train}-{n_val}-seed{seed}', write)
 
-DET_LABELS = {'shape': SHAPES, 'colour': list(COLOURS), 'object': [f'{c} {s}' for c in COLOURS for s in SHAPES]}
-
 def _category(o:dict, label:str)->str: return {'shape': o['shape'], 'colour': o['colour'], 'object': f"{o['colour']} {o['shape']}"}[label]
 
 def _coco_json(split:str, n:int, size:int, seed:int, img_dir:Path, label:str='shape')->dict:
-    "COCO instances json of one split, writing its images into `img_dir`; categories are the objects' `label` (DET_LABELS)."
+    "COCO instances json of one split, writing its images into `img_dir`; categories are the objects' `label` (`SYNTH_LABELS`, as in classification)."
     from pycocotools import mask as mask_utils
     from qclip.data.synth import decode_dense
     images, anns = [], []
@@ -166,16 +165,16 @@ def _coco_json(split:str, n:int, size:int, seed:int, img_dir:Path, label:str='sh
         for o, (x0, y0, x1, y1) in zip(meta['objects'], meta['boxes']):
             m = inst == o['id']
             rle = mask_utils.encode(np.asfortranarray(m.astype(np.uint8))); rle['counts'] = rle['counts'].decode()
-            anns.append(dict(id=len(anns) + 1, image_id=i + 1, category_id=DET_LABELS[label].index(_category(o, label)) + 1, segmentation=rle,
+            anns.append(dict(id=len(anns) + 1, image_id=i + 1, category_id=SYNTH_LABELS[label].index(_category(o, label)) + 1, segmentation=rle,
                              area=float(m.sum()), bbox=[float(x0), float(y0), float(x1 - x0), float(y1 - y0)], iscrowd=0))
-    return dict(images=images, annotations=anns, categories=[dict(id=i + 1, name=s) for i, s in enumerate(DET_LABELS[label])])
+    return dict(images=images, annotations=anns, categories=[dict(id=i + 1, name=s) for i, s in enumerate(SYNTH_LABELS[label])])
 
 def synth_coco(n_train:int=1024, n_val:int=256, size:int=64, seed:int=0,
                label:str='shape', # the category of a box: shape (8), colour (8) or object = colour + shape (64)
               )->Path:
     "The synthetic scenes in COCO instances layout (mmdet), generated into qclip's cache on first use."
     n_train, n_val, size = check_positive('n_train', n_train), check_positive('n_val', n_val), check_positive('size', size)
-    check_choice('label', label, DET_LABELS)
+    check_choice('label', label, SYNTH_LABELS)
     def write(d:Path):
         (d/'annotations').mkdir()
         for split, n in [('train', n_train), ('val', n_val)]:
@@ -287,7 +286,7 @@ def _seg_schedule(cfg:Config, r:dict):
 # %% ../nbs/08b_mm.ipynb #5998268b
 def _det_data(cfg:Config, r:dict, root:Path):
     s, (lo, hi) = r['img_size'], r['scale_range']
-    meta = dict(classes=tuple(DET_LABELS[r['label']])) if r['dataset'] == 'synth' else None
+    meta = dict(classes=tuple(SYNTH_LABELS[r['label']])) if r['dataset'] == 'synth' else None
     train = [dict(type='LoadImageFromFile'), dict(type='LoadAnnotations', with_bbox=True, with_mask=True),
              dict(type='RandomFlip', prob=0.5),
              dict(type='RandomResize', scale=(s, s), ratio_range=(lo, hi), keep_ratio=True),  # large-scale jitter (ViTDet)
@@ -355,7 +354,7 @@ def resolve_recipe(recipe:str, **params)->dict:
     if r['layer_decay'] > 1: raise ValueError(f"layer_decay={r['layer_decay']} is not valid; expected a number in (0, 1]")
     if params.get('label') not in (None, '') and (r['task'] != 'det' or r['dataset'] != 'synth'):
         raise ValueError(f"label={params['label']!r} is not valid here: it picks the categories of the built-in detection scenes (dataset='synth')")
-    if r['task'] == 'det' and r['dataset'] == 'synth': r['label'] = check_choice('label', r.get('label') or 'object', DET_LABELS)
+    if r['task'] == 'det' and r['dataset'] == 'synth': r['label'] = check_choice('label', r.get('label') or 'object', SYNTH_LABELS)
     else: r.pop('label', None)  # real data brings its own categories
     if r['dataset'] == 'synth':
         n = r.get('synth_n') or (1024, 256)
