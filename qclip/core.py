@@ -4,14 +4,16 @@
 
 # %% ../nbs/00_core.ipynb #691a9978
 from __future__ import annotations
-import json, os, random, tempfile, contextlib
+import ast, contextlib, difflib, fcntl, json, os, random, socket, sys, tempfile, time
 from pathlib import Path
 from typing import Any, Callable, Iterable
 import numpy as np, torch
 
 # %% auto #0
-__all__ = ['Registry', 'check_choice', 'check_positive', 'atomic_path', 'atomic_write_text', 'save_checkpoint', 'load_checkpoint',
-           'seed_everything', 'cache_dir', 'MetricsLog']
+__all__ = ['LOCK_FILE', 'LOCK_ENV', 'Registry', 'check_choice', 'check_positive', 'atomic_path', 'atomic_write_text',
+           'save_checkpoint', 'load_checkpoint', 'seed_everything', 'cache_dir', 'MetricsLog', 'RunLockedError',
+           'lock_holder', 'clean_stale_tmp', 'lock_here', 'run_lock', 'assigned_names', 'unknown_params',
+           'check_job_params']
 
 # %% ../nbs/00_core.ipynb #0d6bd5df
 class Registry(dict):
@@ -104,3 +106,107 @@ class MetricsLog:
         "Keep only rows with `step <= step` (atomically)."
         rows = [r for r in self.read() if r.get('step', -1) <= step]
         atomic_write_text(self.path, ''.join(json.dumps(r) + '\n' for r in rows))
+
+# %% ../nbs/00_core.ipynb #a2568447
+class RunLockedError(RuntimeError):
+    "Another job holds the run folder."
+
+LOCK_FILE, LOCK_ENV = '.qclip.lock', 'QCLIP_LOCKED_RUN'
+
+def lock_holder(out_dir)->dict|None:
+    "Who holds `out_dir` ({host, pid, since, cmd}), or None when no job does."
+    f = Path(out_dir)/LOCK_FILE
+    if not f.is_file(): return None
+    with open(f, 'a+') as fh:
+        try: fcntl.flock(fh, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            with contextlib.suppress(ValueError): return json.loads(f.read_text() or '{}') or {}
+            return {}
+        fcntl.flock(fh, fcntl.LOCK_UN)
+    return None
+
+# %% ../nbs/00_core.ipynb #2ec02f38
+def clean_stale_tmp(out_dir)->list[str]:
+    "Remove the temporary files of interrupted atomic writes (`.<name>.*.tmp`) in `out_dir`; their names."
+    gone = []
+    for p in Path(out_dir).glob('.*.tmp'):
+        if p.is_file(): p.unlink(missing_ok=True); gone.append(p.name)
+    return sorted(gone)
+
+# %% ../nbs/00_core.ipynb #8315c184
+def lock_here(env=None)->bool:
+    "Does this process take a job's run lock: not a rank > 0, and not the agent of a multi-node launch (its rank 0 does)."
+    e = os.environ if env is None else env
+    if int(e.get('RANK', e.get('SLURM_PROCID', 0)) or 0) > 0: return False
+    return 'RANK' in e or int(e.get('QCLIP_NNODES', 1) or 1) == 1
+
+# %% ../nbs/00_core.ipynb #a9eacaf0
+def _describe(h:dict)->str:
+    return f"host {h.get('host', '?')}, pid {h.get('pid', '?')}, since {h.get('since', '?')}" + (f", {h['cmd']}" if h.get('cmd') else '')
+
+@contextlib.contextmanager
+def run_lock(
+    out_dir,                # the run folder (created if missing)
+    enabled:bool|None=None, # None: `lock_here()`; False: no lock (a rank of a job whose rank 0 holds it)
+    export:bool=True,       # set QCLIP_LOCKED_RUN for processes this one starts (False in threads: pass it yourself)
+    wait:float=2.,          # seconds to retry a held lock before failing (a dying holder's workers letting go)
+):
+    "Hold `out_dir` for one job: exclusive lock, stale temp files removed; `RunLockedError` naming the holder if taken."
+    d = Path(out_dir).absolute()
+    if not (lock_here() if enabled is None else enabled) or os.environ.get(LOCK_ENV) == str(d):
+        yield d; return  # rank > 0, or inside the lock of the process that started this one
+    created = not d.exists()
+    d.mkdir(parents=True, exist_ok=True)
+    fh, t_end = open(d/LOCK_FILE, 'a+'), time.monotonic() + wait
+    while True:
+        try: fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB); break
+        except BlockingIOError:
+            if time.monotonic() < t_end: time.sleep(0.1); continue
+            fh.close(); h = lock_holder(d) or {}
+            raise RunLockedError(f"out_dir={str(d)!r} is in use by another job ({_describe(h)}); "
+                                 "wait for it to finish, stop it, or choose another out_dir") from None
+    fh.seek(0); fh.truncate()
+    fh.write(json.dumps(dict(host=socket.gethostname(), pid=os.getpid(), since=time.strftime('%Y-%m-%d %H:%M:%S'),
+                             cmd=' '.join(sys.argv[:3])[-200:]))); fh.flush()
+    clean_stale_tmp(d)
+    old, ok = os.environ.get(LOCK_ENV), False
+    if export: os.environ[LOCK_ENV] = str(d)
+    try: yield d; ok = True
+    finally:
+        if export:
+            if old is None: os.environ.pop(LOCK_ENV, None)
+            else: os.environ[LOCK_ENV] = old
+        if not ok and created and [p.name for p in d.iterdir()] == [LOCK_FILE]:  # failed before writing anything
+            (d/LOCK_FILE).unlink(); d.rmdir()
+        else: fh.seek(0); fh.truncate(); fh.flush()
+        fcntl.flock(fh, fcntl.LOCK_UN); fh.close()
+
+# %% ../nbs/00_core.ipynb #e3c84426
+def assigned_names(source:str)->list[str]:
+    "Names a cell's top-level assignments bind (`a = 1`, `a: int = 1`, `a = b = 2`)."
+    names = []
+    for node in ast.parse(source).body:
+        targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) else []
+        names += [t.id for t in targets if isinstance(t, ast.Name)]
+    return names
+
+# %% ../nbs/00_core.ipynb #b368402d
+def unknown_params(given, accepted)->str|None:
+    "One line naming each of `given` that is not in `accepted`, with the closest accepted name; None if all are."
+    bad = [k for k in given if k not in accepted]
+    if not bad: return None
+    def _one(k):
+        close = difflib.get_close_matches(k, list(accepted), n=1, cutoff=0.5)
+        return f"{k!r}" + (f" (did you mean {close[0]!r}?)" if close else '')
+    return f"unknown parameter(s) {', '.join(map(_one, bad))}; accepted: {', '.join(accepted)}"
+
+# %% ../nbs/00_core.ipynb #d99f18f8
+def check_job_params(ns:dict|None=None, accepted=None):
+    "Fail if papermill injected a name the job notebook's `parameters` cell does not define (`ns`: the notebook's globals)."
+    hist = list((ns or {}).get('In') or [])
+    if not hist:
+        with contextlib.suppress(Exception): hist = list(get_ipython().user_ns.get('In') or [])  # noqa: F821
+    for i, cell in enumerate(hist):
+        if not cell.lstrip().startswith('# Parameters'): continue
+        ok = list(accepted) if accepted is not None else assigned_names(hist[i - 1]) if i > 0 else []
+        if (msg := unknown_params(assigned_names(cell), ok)): raise ValueError(msg)

@@ -12,7 +12,7 @@ from torch.utils.data import Dataset, DataLoader, Sampler
 from tqdm.auto import tqdm
 from timm.utils import ModelEmaV3
 from .core import (check_choice, check_positive, seed_everything, save_checkpoint, load_checkpoint, atomic_write_text,
-                        atomic_path, MetricsLog)
+                        atomic_path, MetricsLog, run_lock)
 from .models import CLIP_MODELS, save_weights
 from .data.synth import SYNTH_DATASETS, SHAPES, COLOURS, synth_shards, decode_dense
 from .data.shards import read_tar, BadCounter, data_root_of
@@ -255,8 +255,8 @@ def _check(p:dict, defaults:dict, datasets:list)->dict:
     check_choice('device', p['device'], ('auto', 'cpu', 'cuda'))
     for k in ['steps', 'batch_size', 'log_every', 'eval_every', 'ckpt_every', 'synth_n', 'synth_val']: p[k] = check_positive(k, p[k])
     for k in ['img_size', 'warmup', 'workers', 'seed']: p[k] = check_positive(k, p[k], allow_zero=True)
-    for k in ['lr', 'min_lr', 'weight_decay', 'drop_path', 'ema', 'grad_clip', 'layer_decay']: p[k] = check_positive(k, p[k], float, allow_zero=True)
-    if p['lr'] <= 0: raise ValueError(f"lr={p['lr']!r} is not valid; expected a positive number")
+    p['lr'] = check_positive('lr', p['lr'], float)
+    for k in ['min_lr', 'weight_decay', 'drop_path', 'ema', 'grad_clip', 'layer_decay']: p[k] = check_positive(k, p[k], float, allow_zero=True)
     if not 0 < p['layer_decay'] <= 1: raise ValueError(f"layer_decay={p['layer_decay']!r} is not valid; expected a number in (0, 1]")
     if not 0 <= p['drop_path'] < 1: raise ValueError(f"drop_path={p['drop_path']!r} is not valid; expected a rate in [0, 1)")
     if not 0 <= p['ema'] < 1: raise ValueError(f"ema={p['ema']!r} is not valid; expected a decay in [0, 1)")
@@ -468,8 +468,10 @@ def _run(p:dict, task:str)->dict:
 
 def finetune_classification(**params)->dict:
     "Classification fine-tuning or linear probing of `params` (see `CLS_DEFAULTS`); writes into `out_dir`, returns the results."
-    return _run(check_cls_params(**params), 'cls')
+    p = check_cls_params(**params)
+    with run_lock(p['out_dir']): return _run(p, 'cls')
 
 def finetune_depth(**params)->dict:
     "Depth fine-tuning of `params` (see `DEPTH_DEFAULTS`); writes into `out_dir`, returns the results."
-    return _run(check_depth_params(**params), 'depth')
+    p = check_depth_params(**params)
+    with run_lock(p['out_dir']): return _run(p, 'depth')

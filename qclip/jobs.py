@@ -7,12 +7,14 @@ from __future__ import annotations
 import argparse, contextlib, itertools, json, os, re, signal, sys, time
 from pathlib import Path
 import yaml
+from .core import LOCK_ENV, RunLockedError, atomic_write_text, lock_holder, run_lock, unknown_params
 from .distributed import LAUNCH_ENV
 
 # %% auto #0
 __all__ = ['RESOURCES', 'environ', 'launch_env', 'execute_notebook', 'expand_grid', 'run_name', 'merge_spec', 'read_spec',
-           'load_experiment', 'run_status', 'start_run', 'run_one', 'run_one_process', 'cpu_count', 'NotebookJob',
-           'slurm_executor', 'run_experiment', 'slurm_dependency', 'main']
+           'load_experiment', 'notebook_params', 'check_run_params', 'run_status', 'start_run', 'run_one',
+           'run_one_process', 'cpu_count', 'NotebookJob', 'slurm_executor', 'run_experiment', 'slurm_dependency',
+           'main']
 
 # %% ../nbs/07a_jobs.ipynb #752faa2e
 @contextlib.contextmanager
@@ -70,9 +72,21 @@ RESOURCES = dict(nproc_per_node=1, nodes=1, gpus_per_node=0, cpus_per_task=None,
 _TOP = {'notebook', 'out_root', 'params', 'grid', 'resources', 'description', 'stages', 'profiles', 'paper', 'extends'}
 _STAGE = {'notebook', 'params', 'grid', 'resources', 'after', 'as', 'gather'}
 
-def expand_grid(grid)->list[dict]:
+def _check_grid(grid, where:str):
+    "A grid is a mapping of parameter -> value or list of values, or a list of such mappings."
+    want = "a mapping of parameter -> a value or a list of values (or a list of such mappings)"
+    for i, g in enumerate(grid if isinstance(grid, list) else [grid]):
+        at = f"{where}grid" + (f"[{i}]" if isinstance(grid, list) else '')
+        if not isinstance(g, dict): raise ValueError(f"{at} is {g!r}; expected {want}")
+        for k, v in g.items():
+            if any(isinstance(x, dict) for x in (v if isinstance(v, list) else [v])):
+                raise ValueError(f"{at}.{k} is {v!r}; expected a value or a list of values, not a mapping "
+                                 "(a mapping-valued parameter goes in 'params')")
+
+def expand_grid(grid, where:str='')->list[dict]:
     "All parameter combinations of a grid: a mapping of lists (product) or a list of them (union)."
     if not grid: return [{}]
+    _check_grid(grid, where)
     if isinstance(grid, dict): grid = [grid]
     out = []
     for g in grid:
@@ -93,12 +107,25 @@ def merge_spec(base:dict, over:dict)->dict:
         out[k] = merge_spec(out[k], v) if k != 'grid' and isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
 
+def _yaml_error(e:Exception)->str:
+    "A YAML parse or constructor error as one line: where, what, and what is accepted."
+    m = getattr(e, 'problem_mark', None)
+    at = f"line {m.line + 1}, column {m.column + 1}: " if m is not None else ''
+    what = ' '.join(str(x) for x in (getattr(e, 'context', None), getattr(e, 'problem', None)) if x) or str(e).splitlines()[0]
+    tip = ' (python tags are refused: plain mappings, lists, numbers and strings only)' if 'constructor' in what else ''
+    return f"not valid YAML: {at}{what}{tip}"
+
+def _need(value, kind, what:str, where:str):
+    if value is not None and not isinstance(value, kind): raise ValueError(f"{where} is {value!r}; expected {what}")
+
 def read_spec(path, _seen:tuple=())->dict:
     "The mapping of an experiment yaml, with the spec it `extends` (a path relative to it) merged underneath."
     path = Path(path)
     if not path.is_file(): raise FileNotFoundError(f"experiment file {str(path)!r} does not exist")
-    spec = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(spec, dict): raise ValueError(f"{path}: expected a mapping of keys ({', '.join(sorted(_TOP))})")
+    try: spec = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e: raise ValueError(f"{path}: {_yaml_error(e)}") from None
+    spec = {} if spec is None else spec
+    if not isinstance(spec, dict): raise ValueError(f"{path}: expected a mapping of keys ({', '.join(sorted(_TOP))}); got {spec!r}")
     if spec.get('extends'):
         base = path.parent/str(spec['extends'])
         if base.resolve() in _seen: raise ValueError(f"{path}: extends={spec['extends']!r} goes round in a circle")
@@ -116,8 +143,10 @@ def load_experiment(path, profile:str|None=None)->dict:
     spec = read_spec(path)
     unknown = set(spec) - _TOP
     if unknown: raise ValueError(f"{path}: unknown key(s) {sorted(unknown)}; accepted: {', '.join(sorted(_TOP))}")
+    for k in ('params', 'resources', 'stages', 'profiles'): _need(spec.get(k), dict, 'a mapping', f"{path}: {k}")
     if profile:
         profiles = spec.get('profiles') or {}
+        _need(profiles.get(profile), dict, 'a mapping of keys to change', f"{path}: profiles.{profile}")
         if profile not in profiles: raise ValueError(f"{path}: unknown profile={profile!r}; expected one of: {', '.join(profiles) or '(none defined)'}")
         spec = merge_spec(spec, profiles[profile])
     if 'stages' in spec:
@@ -132,10 +161,12 @@ def load_experiment(path, profile:str|None=None)->dict:
     runs, by_stage = [], {}
     stages = {k: v for k, v in stages.items() if v is not None}  # a profile drops a stage by setting it to null
     for sname, st in stages.items():
+        _need(st, dict, f"a mapping with keys {', '.join(sorted(_STAGE))}", f"{path}: stages.{sname}")
+        for k in ('params', 'resources'): _need(st.get(k), dict, 'a mapping', f"{path}: stages.{sname}.{k}")
         if set(st) - _STAGE: raise ValueError(f"{path}: stage {sname!r}: unknown key(s) {sorted(set(st) - _STAGE)}; accepted: {', '.join(sorted(_STAGE))}")
         if 'notebook' not in st: raise ValueError(f"{path}: stage {sname!r} has no 'notebook'")
         if set(st.get('resources') or {}) - set(RESOURCES): raise ValueError(f"{path}: stage {sname!r}: unknown resource(s) {sorted(set(st['resources']) - set(RESOURCES))}")
-        sres, cells = {**res, **(st.get('resources') or {})}, expand_grid(st.get('grid'))
+        sres, cells = {**res, **(st.get('resources') or {})}, expand_grid(st.get('grid'), f"{path}: stages.{sname}." if not single else f"{path}: ")
         if st.get('after') is not None and st['after'] not in by_stage:
             raise ValueError(f"{path}: stage {sname!r} runs after {st['after']!r}, which is not an earlier stage (stages: {', '.join(stages)})")
         ups = by_stage[st['after']] if st.get('after') else [None]
@@ -157,6 +188,22 @@ def load_experiment(path, profile:str|None=None)->dict:
     return dict(out_root=out_root, resources=res, runs=runs, path=str(path), profile=profile,
                 notebook=runs[0]['notebook'] if single and runs else None, description=spec.get('description', ''))
 
+# %% ../nbs/07a_jobs.ipynb #eb58dd04
+def notebook_params(notebook)->list[str]:
+    "Names of a job notebook's papermill parameters (its `parameters` cell)."
+    import papermill as pm
+    nb = Path(notebook)
+    if not nb.is_file(): raise FileNotFoundError(f"notebook {str(notebook)!r} does not exist (relative paths start in {os.getcwd()})")
+    return list(pm.inspect_notebook(str(nb)))
+
+def check_run_params(e:dict):
+    "Fail naming the run, its notebook and the unknown names if a run of experiment `e` passes parameters its notebook lacks."
+    accepted = {}
+    for r in e['runs']:
+        if r['notebook'] not in accepted: accepted[r['notebook']] = notebook_params(r['notebook'])
+        if (msg := unknown_params([*r['params'], 'out_dir'], accepted[r['notebook']])):
+            raise ValueError(f"{e['path']}: run {r['name']!r} of {r['notebook']}: {msg}")
+
 # %% ../nbs/07a_jobs.ipynb #653633a6
 def run_status(run_dir, params:dict)->str:
     "'done', 'stopped' (a checkpoint to resume), 'changed' (done or started with other parameters) or 'new'."
@@ -174,7 +221,7 @@ def start_run(run_dir, notebook, params:dict)->Path:
         old = d/'attempts'/f"run{len([p for p in (d/'attempts').iterdir() if p.is_dir()])}"; old.mkdir()
         for p in list(d.iterdir()):
             if p.name != 'attempts': p.rename(old/p.name)
-    (d/'run.yaml').write_text(yaml.safe_dump(dict(notebook=str(notebook), params=params), sort_keys=False))
+    atomic_write_text(d/'run.yaml', yaml.safe_dump(dict(notebook=str(notebook), params=params), sort_keys=False))
     _keep_attempt(d/'notebook.ipynb')
     return d
 
@@ -186,22 +233,24 @@ def _keep_attempt(nb_path:Path):
 
 def run_one(notebook, run_dir, params:dict, nproc_per_node:int=1, log_output:bool=False):
     "Execute one run of a job notebook into `run_dir` (out_dir = run_dir); resumes what a previous attempt left."
-    d = start_run(run_dir, notebook, params)
-    execute_notebook(notebook, d/'notebook.ipynb', {**params, 'out_dir': str(d)}, nproc_per_node=nproc_per_node,
-                     cwd=d, log_output=log_output)
+    with run_lock(run_dir):  # held for the run; the kernel and its ranks run inside it
+        d = start_run(run_dir, notebook, params)
+        execute_notebook(notebook, d/'notebook.ipynb', {**params, 'out_dir': str(d)}, nproc_per_node=nproc_per_node,
+                         cwd=d, log_output=log_output)
     return json.loads((d/'results.json').read_text()) if (d/'results.json').exists() else None
 
 # %% ../nbs/07a_jobs.ipynb #e517aec2
 def run_one_process(notebook, run_dir, params:dict, nproc_per_node:int=1, threads:int|None=None, log_output:bool=False):
     "`run_one` in a child `qclip launch` process with `threads` OpenMP threads, so that several can run side by side."
     import subprocess
-    d = start_run(run_dir, notebook, params)
-    pf = d/'.launch.yaml'; pf.write_text(yaml.safe_dump({**params, 'out_dir': str(d)}, sort_keys=False))
-    env = {**os.environ, **({'OMP_NUM_THREADS': str(threads), 'MKL_NUM_THREADS': str(threads)} if threads else {})}
-    cmd = [sys.executable, '-c', 'import sys; from qclip.jobs import main; sys.exit(main())', 'launch', str(Path(notebook).absolute()),
-           str(d/'notebook.ipynb'), '-f', str(pf), '--cwd', str(d), '--nproc-per-node', str(nproc_per_node)] + ['--log-output'] * log_output
-    p = subprocess.run(cmd, env=env, text=True, stdout=None if log_output else subprocess.DEVNULL, stderr=subprocess.PIPE)
-    pf.unlink(missing_ok=True)
+    with run_lock(run_dir, export=False):  # a thread of `qclip run`: the child gets QCLIP_LOCKED_RUN in its own environment
+        d = start_run(run_dir, notebook, params)
+        pf = atomic_write_text(d/'.launch.yaml', yaml.safe_dump({**params, 'out_dir': str(d)}, sort_keys=False))
+        env = {**os.environ, LOCK_ENV: str(d), **({'OMP_NUM_THREADS': str(threads), 'MKL_NUM_THREADS': str(threads)} if threads else {})}
+        cmd = [sys.executable, '-c', 'import sys; from qclip.jobs import main; sys.exit(main())', 'launch', str(Path(notebook).absolute()),
+               str(d/'notebook.ipynb'), '-f', str(pf), '--cwd', str(d), '--nproc-per-node', str(nproc_per_node)] + ['--log-output'] * log_output
+        p = subprocess.run(cmd, env=env, text=True, stdout=None if log_output else subprocess.DEVNULL, stderr=subprocess.PIPE)
+        pf.unlink(missing_ok=True)
     err = '\n'.join(l for l in p.stderr.splitlines() if 'Kernel is running over TCP' not in l).strip()  # jupyter_client's notice
     if p.returncode: raise RuntimeError(err[-2000:] or f'qclip launch exited with {p.returncode}')
     return json.loads((d/'results.json').read_text()) if (d/'results.json').exists() else None
@@ -232,10 +281,11 @@ class NotebookJob(Checkpointable):
         import submitit
         env, d = submitit.JobEnvironment(), Path(run_dir)
         if env.num_tasks > 1: submitit.helpers.TorchDistributedEnvironment().export(overwrite=True)
-        if env.global_rank == 0: start_run(d, notebook, params)  # a requeued job resumes; a changed run starts over
-        out = d/'notebook.ipynb' if env.global_rank == 0 else d/'logs'/f'rank{env.global_rank}.ipynb'
-        print(f'task {env.global_rank}/{env.num_tasks} of job {env.job_id}: {notebook} -> {out}', flush=True)
-        execute_notebook(notebook, out, {**params, 'out_dir': str(d)}, cwd=d)
+        with run_lock(d, enabled=env.global_rank == 0):
+            if env.global_rank == 0: start_run(d, notebook, params)  # a requeued job resumes; a changed run starts over
+            out = d/'notebook.ipynb' if env.global_rank == 0 else d/'logs'/f'rank{env.global_rank}.ipynb'
+            print(f'task {env.global_rank}/{env.num_tasks} of job {env.job_id}: {notebook} -> {out}', flush=True)
+            execute_notebook(notebook, out, {**params, 'out_dir': str(d)}, cwd=d)
         return json.loads((d/'results.json').read_text()) if env.global_rank == 0 else None
 
     def checkpoint(self, *args, **kwargs):
@@ -273,6 +323,7 @@ def run_experiment(
     "Run (or submit) every run of an experiment that is not done, stage after stage; {name: status}."
     e = load_experiment(path, profile)
     if not isinstance(jobs, int) or jobs < 1: raise ValueError(f'jobs={jobs!r}: expected a whole number >= 1')
+    check_run_params(e)  # a misspelled parameter fails here, before any run starts
     status, submitted = {}, {}
     stages = None if not only else set(only.split(','))
     if jobs > 1 and not slurm and not dry_run:
@@ -292,6 +343,7 @@ def run_experiment(
                        and run_status(Path(u['dir']).absolute(), u['params']) != 'done']
             if pending:
                 print(f"{r['name']}: waiting for {', '.join(pending)}, not done", flush=True); status[r['name']] = 'waiting'; continue
+        if st != 'done' and not dry_run and _locked(r, status): continue
         print(f"{r['name']}: {st}" + ('' if st == 'done' else ' -> ' + ('would run' if dry_run else _ACTION[st])), flush=True)
         if st == 'done' or dry_run: status[r['name']] = st; continue
         if slurm:
@@ -307,6 +359,7 @@ def run_experiment(
         try:
             run_one(r['notebook'], d, r['params'], nproc_per_node=res['nproc_per_node'], log_output=log_output); status[r['name']] = 'ran'
             print(f"  ran in {time.monotonic() - t0:.0f} s", flush=True)
+        except RunLockedError as ex: status[r['name']] = 'locked'; print(f"  skipped: {ex}", flush=True)
         except Exception as ex:
             status[r['name']] = 'failed'
             print(f"  failed: {type(ex).__name__}: {str(ex)[-2000:]}\n  executed notebook: {d/'notebook.ipynb'}", flush=True)
@@ -340,6 +393,7 @@ def _run_side_by_side(todo:list, every:list, jobs:int, log_output:bool=False)->d
                     print(f"{r['name']}: blocked, an upstream run failed", flush=True); status[r['name']] = 'blocked'
                     pending.remove((r, st)); continue
                 if not all(done(u) for u in r['after']): continue
+                if _locked(r, status): pending.remove((r, st)); continue
                 print(f"{r['name']}: {st} -> {_ACTION[st]}", flush=True)
                 f = pool.submit(run_one_process, r['notebook'], r['dir'], r['params'], r['resources']['nproc_per_node'], threads, log_output)
                 running[f] = (r, time.monotonic()); pending.remove((r, st))
@@ -349,6 +403,7 @@ def _run_side_by_side(todo:list, every:list, jobs:int, log_output:bool=False)->d
             for f in wait(running, return_when=FIRST_COMPLETED)[0]:
                 r, t0 = running.pop(f)
                 try: f.result(); status[r['name']] = 'ran'; print(f"{r['name']}: ran in {time.monotonic() - t0:.0f} s", flush=True)
+                except RunLockedError as ex: status[r['name']] = 'locked'; print(f"{r['name']}: skipped: {ex}", flush=True)
                 except Exception as ex:
                     status[r['name']] = 'failed'
                     print(f"{r['name']}: failed: {str(ex)[-2000:]}\n  executed notebook: {Path(r['dir']).absolute()/'notebook.ipynb'}", flush=True)
@@ -360,6 +415,14 @@ def _run_side_by_side(todo:list, every:list, jobs:int, log_output:bool=False)->d
 
 _ACTION = {'stopped': 'resume', 'new': 'run', 'changed': 'run again from scratch (the earlier run moves to attempts/)'}
 
+def _locked(r:dict, status:dict)->bool:
+    "Is the run's folder held by another job (another `qclip run`, a papermill run)? Then it is skipped, not run twice."
+    h = lock_holder(Path(r['dir']).absolute())
+    if h is None: return False
+    print(f"{r['name']}: in use by another job (host {h.get('host', '?')}, pid {h.get('pid', '?')}): skipped", flush=True)
+    status[r['name']] = 'locked'
+    return True
+
 def slurm_dependency(job)->bool:
     "Can a later SLURM job wait for `job` with `--dependency` (a real SLURM job, not submitit's local/debug ones)?"
     return type(job).__name__ == 'SlurmJob'
@@ -370,6 +433,15 @@ def _value(s:str):
     if isinstance(v, str):  # YAML 1.1 reads '1e-3' as a string
         with contextlib.suppress(ValueError): v = float(v)
     return v
+
+def _params_file(path)->dict:
+    "The mapping of a parameters yaml (`-f`), or a one-line error naming the file."
+    p = Path(path)
+    if not p.is_file(): raise FileNotFoundError(f"-f {path}: no such parameters file")
+    try: v = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e: raise ValueError(f"-f {path}: {_yaml_error(e)}") from None
+    if v is not None and not isinstance(v, dict): raise ValueError(f"-f {path}: expected a mapping of parameter: value; got {v!r}")
+    return v or {}
 
 def _parser():
     ap = argparse.ArgumentParser(prog='qclip', description='Run qclip job notebooks on N processes, or grids of them.')
@@ -400,8 +472,12 @@ def main(argv=None):
     "Entry point of the `qclip` command."
     a = _parser().parse_args(argv)
     if a.cmd == 'launch':
-        params = yaml.safe_load(Path(a.parameters_file).read_text()) if a.parameters_file else {}
-        params.update({k: _value(v) for k, v in a.parameters})
+        try:
+            params = _params_file(a.parameters_file) if a.parameters_file else {}
+            params.update({k: _value(v) for k, v in a.parameters})
+            if (msg := unknown_params(params, notebook_params(a.notebook))): raise ValueError(f"{a.notebook}: {msg}")
+        except (ValueError, FileNotFoundError) as e:
+            print(f"qclip launch: {e}", file=sys.stderr); return 2
         try: execute_notebook(a.notebook, a.output, params, nproc_per_node=a.nproc_per_node, nnodes=a.nnodes,
                               rdzv_endpoint=a.rdzv_endpoint, max_restarts=a.max_restarts, run_id=a.run_id, cwd=a.cwd,
                               log_output=a.log_output)

@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 from timm.utils import ModelEmaV3
 from fastcore.script import call_parse, Param
 from .core import (check_choice, check_positive, seed_everything, save_checkpoint, load_checkpoint,
-                        atomic_write_text, atomic_path, MetricsLog)
+                        atomic_write_text, atomic_path, MetricsLog, run_lock)
 from .loss import ClipLoss, DistillClipLoss, clamp_logit_scale_
 from .models import CLIP_MODELS, create_clip, get_tokenizer, save_weights
 from .data.shards import (DATASETS, ShardStream, make_loader, find_shards, find_sources, check_caption_source, train_transform,
@@ -93,8 +93,8 @@ def check_params(**params)->dict:
     for k in ['batch_size', 'log_every', 'eval_every', 'ckpt_every', 'synth_n', 'synth_size', 'val_images']:
         p[k] = check_positive(k, p[k])
     for k in ['steps', 'warmup', 'workers', 'seed']: p[k] = check_positive(k, p[k], allow_zero=True)
-    for k in ['lr', 'min_lr', 'weight_decay', 'eps', 'grad_clip', 'ema']: p[k] = check_positive(k, p[k], float, allow_zero=True)
-    if p['lr'] <= 0: raise ValueError(f"lr={p['lr']!r} is not valid; expected a positive number")
+    p['lr'] = check_positive('lr', p['lr'], float)
+    for k in ['min_lr', 'weight_decay', 'eps', 'grad_clip', 'ema']: p[k] = check_positive(k, p[k], float, allow_zero=True)
     if not 0 <= p['ema'] < 1: raise ValueError(f"ema={p['ema']!r} is not valid; expected a decay in [0, 1)")
     for k in ['beta1', 'beta2']:
         if not 0 <= p[k] < 1: raise ValueError(f"{k}={p[k]!r} is not valid; expected a number in [0, 1)")
@@ -200,13 +200,15 @@ def plot_metrics(rows:list[dict], path)->Path|None:
 def pretrain(**params)->dict:
     "CLIP pretraining of `params` (see `PRETRAIN_DEFAULTS`); writes everything into `out_dir`, returns the summary."
     p = check_params(**params)
-    if (req := launch_request()) is not None:  # `qclip launch` asked for N processes: run there, rank 0's summary back
-        print(f"launching {req.get('nnodes', 1)} node(s) x {req['nproc_per_node']} processes; every rank's log also in {p['out_dir']}/logs", flush=True)
-        return launch(pretrain, p, log_dir=Path(p['out_dir'])/'logs', **req)
-    created = init_distributed()  # torchrun / SLURM / submitit environment: join its process group
-    try: return _pretrain(p)
-    finally:
-        if created and dist.is_initialized(): dist.destroy_process_group()
+    with run_lock(p['out_dir']):  # one job per out_dir: a second one fails naming this one (rank 0 or the launcher holds it)
+        if (req := launch_request()) is not None:  # `qclip launch` asked for N processes: run there, rank 0's summary back
+            print(f"launching {req.get('nnodes', 1)} node(s) x {req['nproc_per_node']} processes; "
+                  f"every rank's log also in {p['out_dir']}/logs", flush=True)
+            return launch(pretrain, p, log_dir=Path(p['out_dir'])/'logs', **req)
+        created = init_distributed()  # torchrun / SLURM / submitit environment: join its process group
+        try: return _pretrain(p)
+        finally:
+            if created and dist.is_initialized(): dist.destroy_process_group()
 
 def _sum_over_ranks(c:Counter)->Counter:
     "Bad-sample counts summed over ranks (every rank calls it)."
