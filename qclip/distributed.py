@@ -14,8 +14,8 @@ from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
 # %% auto #0
 __all__ = ['LAUNCH_ENV', 'first_host', 'dist_env', 'rank_world', 'init_distributed', 'barrier', 'all_reduce_mean', 'unwrap',
-           'spawnable', 'RankFailedError', 'launch', 'probe', 'launch_request', 'requested_world_size', 'fsdp_wrap',
-           'is_fsdp', 'clip_grad_norm_', 'full_state', 'load_full_state']
+           'spawnable', 'RankFailedError', 'launch', 'probe', 'CommCounter', 'launch_request', 'requested_world_size',
+           'fsdp_wrap', 'is_fsdp', 'clip_grad_norm_', 'full_state', 'load_full_state']
 
 # %% ../nbs/07_distributed.ipynb #eea82678
 def first_host(nodelist:str)->str:
@@ -152,6 +152,48 @@ def probe(fail_on_rank:int=-1)->dict:
     print(f'rank {rank} of {world} on {socket.gethostname()}, backend {dist.get_backend() if world > 1 else None}', flush=True)
     if rank == fail_on_rank: raise RuntimeError(f'probe: failing on rank {rank} as asked')
     return dict(rank=rank, world_size=world, rank_sum=all_reduce_mean(rank) * world)
+
+# %% ../nbs/07_distributed.ipynb #e300e51a
+def _nbytes(x)->int:
+    if torch.is_tensor(x): return x.numel() * x.element_size()
+    return sum(_nbytes(t) for t in x) if isinstance(x, (list, tuple)) else 0
+
+def _others(ts, rank:int)->int: return sum(_nbytes(t) for i, t in enumerate(ts or []) if i != rank)
+
+_SENT = {  # bytes this rank sends, from the call's arguments: (args, kwargs, rank, world)
+    'all_gather': lambda a, k, r, w: _nbytes(a[1]) * (w - 1),
+    'all_gather_into_tensor': lambda a, k, r, w: _nbytes(a[1]) * (w - 1),
+    'scatter': lambda a, k, r, w: (_others(a[1] if len(a) > 1 else k.get('scatter_list'), r)
+                                   if (a[2] if len(a) > 2 else k.get('src', 0)) == r else 0),
+    'all_to_all': lambda a, k, r, w: _others(a[1], r),
+    'reduce_scatter': lambda a, k, r, w: _others(a[1], r),
+    'reduce_scatter_tensor': lambda a, k, r, w: _nbytes(a[1]) * (w - 1) // w,
+    'all_reduce': lambda a, k, r, w: 2 * _nbytes(a[0]) * (w - 1) // w,
+    'broadcast': lambda a, k, r, w: _nbytes(a[0]) * (w - 1) if (a[1] if len(a) > 1 else k.get('src')) == r else 0,
+}
+
+class CommCounter:
+    "Calls and bytes sent by this rank, per `torch.distributed` collective, while the context is active."
+    def __init__(self): self.calls, self.bytes, self._orig = {}, {}, {}
+
+    def __enter__(self):
+        rank, world = dist.get_rank(), dist.get_world_size()
+        for name, sent in _SENT.items():
+            if not hasattr(dist, name): continue
+            f = self._orig[name] = getattr(dist, name)
+            def wrapped(*a, _f=f, _name=name, _sent=sent, **k):
+                self.calls[_name] = self.calls.get(_name, 0) + 1
+                self.bytes[_name] = self.bytes.get(_name, 0) + _sent(a, k, rank, world)
+                return _f(*a, **k)
+            setattr(dist, name, wrapped)
+        return self
+
+    def __exit__(self, *exc):
+        for name, f in self._orig.items(): setattr(dist, name, f)
+        self._orig = {}
+
+    @property
+    def total_bytes(self)->int: return sum(self.bytes.values())
 
 # %% ../nbs/07_distributed.ipynb #18d7e6d3
 LAUNCH_ENV = dict(nproc_per_node='QCLIP_NPROC_PER_NODE', nnodes='QCLIP_NNODES', rdzv_endpoint='QCLIP_RDZV_ENDPOINT',

@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 import torch, torch.nn as nn, torch.nn.functional as F
 import torch.distributed as dist
-from open_clip.loss import gather_features
+import torch.distributed.nn
 
 # %% auto #0
 __all__ = ['LOGIT_SCALE_INIT', 'LOGIT_SCALE_MAX', 'ClipLoss', 'DistillClipLoss', 'clamp_logit_scale_']
@@ -27,35 +27,56 @@ class ClipLoss(nn.Module):
         self.rank = rank if rank is not None else (dist.get_rank() if dist_on else 0)
         self.world_size = world_size if world_size is not None else (dist.get_world_size() if dist_on else 1)
 
+    def _all_gather(self, x:torch.Tensor)->list[torch.Tensor]:
+        "Every rank's `x`, as open_clip's `gather_features` gathers one tensor (with or without autograd)."
+        if self.gather_with_grad: return list(torch.distributed.nn.all_gather(x))
+        out = [torch.empty_like(x) for _ in range(self.world_size)]
+        dist.all_gather(out, x.detach())
+        if not self.local_loss: out[self.rank] = x  # the local rows keep their gradient
+        return out
+
+    def gather_many(self, xs:list[torch.Tensor])->list[torch.Tensor]:
+        "All-gather each of `xs` ([b_i, ...] -> [W*b_i, ...]) once: one collective per kind (dtype, width, grad)."
+        if self.world_size == 1: return list(xs)
+        groups, out = {}, [None] * len(xs)
+        for i, x in enumerate(xs):
+            groups.setdefault((x.dtype, x.device, tuple(x.shape[1:]), x.requires_grad), []).append(i)
+        for idx in groups.values():
+            parts = [xs[i] for i in idx]
+            sizes = [len(p) for p in parts]
+            ranks = [c.split(sizes) for c in self._all_gather(torch.cat(parts) if len(parts) > 1 else parts[0])]
+            for j, i in enumerate(idx): out[i] = torch.cat([r[j] for r in ranks])
+        return out
+
     def gather(self, x:torch.Tensor)->torch.Tensor:
         "All-gather `x` [b, D] -> [W*b, D] (identity on one process)."
-        if self.world_size == 1: return x
-        return gather_features(x, x, local_loss=self.local_loss, gather_with_grad=self.gather_with_grad,
-                               rank=self.rank, world_size=self.world_size)[0]
+        return self.gather_many([x])[0]
 
     def get_ground_truth(self, b:int, device)->torch.Tensor:
         "Index of the positive column for each of the `b` logit rows."
         offset = b * self.rank if (self.world_size > 1 and self.local_loss) else 0
         return torch.arange(b, device=device) + offset
 
-    def get_logits(self, img, txt, logit_scale, all_img=None, all_txt=None):
-        "Image->text and text->image logits `logit_scale * <img, txt>` (eq. 1's $Uv/\\tau$)."
+    def get_logits(self, img, txt, logit_scale, all_img=None, all_txt=None, logit_bias=None):
+        "Image->text and text->image logits `logit_scale * <img, txt> (+ logit_bias)` (eq. 1's $Uv/\\tau$)."
         if self.world_size == 1: all_img, all_txt = img, txt
         if self.world_size > 1 and not self.local_loss: img, txt = all_img, all_txt
-        return logit_scale * img @ all_txt.T, logit_scale * txt @ all_img.T
+        li, lt = logit_scale * img @ all_txt.T, logit_scale * txt @ all_img.T
+        return (li, lt) if logit_bias is None else (li + logit_bias, lt + logit_bias)
 
     def forward(self,
         image_features:torch.Tensor, # [B, D] L2-normalised image embeddings
         text_features,               # [B, D], [K, B, D] or a list of K [B, D]: one per caption source
         logit_scale:torch.Tensor,    # exp(logit_scale) = 1/tau, a scalar
+        logit_bias=None,             # added to the logits, as open_clip does (its 4th argument too)
         output_dict:bool=False,      # return {'contrastive_loss': loss} like open_clip
     ):
         "Eq. 1 summed over the K caption sources."
         txts = [text_features] if torch.is_tensor(text_features) and text_features.ndim == 2 else list(text_features)
-        all_img = self.gather(image_features)
+        all_img, *all_txts = self.gather_many([image_features, *txts])  # each tensor sent once, in one collective
         loss = 0.
-        for txt in txts:
-            li, lt = self.get_logits(image_features, txt, logit_scale, all_img, self.gather(txt))
+        for txt, all_txt in zip(txts, all_txts):
+            li, lt = self.get_logits(image_features, txt, logit_scale, all_img, all_txt, logit_bias)
             labels = self.get_ground_truth(li.shape[0], li.device)
             loss = loss + (F.cross_entropy(li, labels) + F.cross_entropy(lt, labels)) / 2
         return {'contrastive_loss': loss} if output_dict else loss
@@ -92,26 +113,27 @@ class DistillClipLoss(ClipLoss):
         logit_scale:torch.Tensor,    # exp(logit_scale) = 1/tau
         teacher_image=None,          # [B, Dt] stored teacher image embeddings (of the replayed view)
         teacher_text=None,           # [B, Dt], [K, B, Dt] or a list: teacher embeddings of each caption
+        logit_bias=None,             # added to the student's logits (open_clip's argument)
         output_dict:bool=False,      # {'contrastive_loss', 'distill_loss'} (both weighted) like open_clip
     ):
         "Sum over caption sources of the weighted contrastive and distillation losses."
         split = lambda t: [t] if torch.is_tensor(t) and t.ndim == 2 else list(t)
         txts = split(text_features)
-        all_img = self.gather(image_features)
         distill = self.w1 > 0
         if distill:
             if teacher_image is None or teacher_text is None: raise ValueError('w1 > 0 needs teacher_image and teacher_text')
-            ttxts, t_img = split(teacher_text), teacher_image.detach().float()
-            all_t_img = self.gather(t_img)
+            t_img, *t_txts = [t.detach().float() for t in [teacher_image, *split(teacher_text)]]
+        # every tensor sent once: the student's features in one collective, the teacher's (other width) in another
+        gathered = self.gather_many([image_features, *txts] + ([t_img, *t_txts] if distill else []))
+        all_img, all_txts = gathered[0], gathered[1:1 + len(txts)]
+        if distill: all_t_img, all_t_txts = gathered[1 + len(txts)], gathered[2 + len(txts):]
         closs = dloss = 0.
         for k, txt in enumerate(txts):
-            all_txt = self.gather(txt)
-            li, lt = self.get_logits(image_features, txt, logit_scale, all_img, all_txt)
+            li, lt = self.get_logits(image_features, txt, logit_scale, all_img, all_txts[k], logit_bias)
             labels = self.get_ground_truth(li.shape[0], li.device)
             closs = closs + self.w0 * (F.cross_entropy(li, labels) + F.cross_entropy(lt, labels)) / 2
             if distill:
-                t_txt = ttxts[k].detach().float()
-                all_t_txt = self.gather(t_txt)
+                t_txt, all_t_txt = t_txts[k], all_t_txts[k]
                 local = self.world_size == 1 or self.local_loss
                 ti = self.teacher_probs(t_img if local else all_t_img, all_t_txt)
                 tt = self.teacher_probs(t_txt if local else all_t_txt, all_t_img)

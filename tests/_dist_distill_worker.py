@@ -1,6 +1,7 @@
 "Run under torchrun: each rank computes qclip's distributed DistillClipLoss on its shard and saves value and grads."
 import sys, torch, torch.distributed as dist, torch.nn.functional as F
 from qclip.loss import DistillClipLoss
+from qclip.distributed import CommCounter
 
 def data(world):
     g = torch.Generator().manual_seed(0)
@@ -18,9 +19,12 @@ def main(out, local_loss):
     B = img.shape[0]
     sl = slice(rank * B // world, (rank + 1) * B // world)
     i, t = img[sl].clone().requires_grad_(), txt[:, sl].clone().requires_grad_()
-    loss = DistillClipLoss(0.25, 0.75, local_loss=local_loss, gather_with_grad=True)(i, t, scale, t_img[sl], t_txt[:, sl])
+    with CommCounter() as cc:
+        loss_fn = DistillClipLoss(0.25, 0.75, local_loss=local_loss, gather_with_grad=True)
+        loss = loss_fn(i, t, scale, t_img[sl], t_txt[:, sl])
     loss.backward()
-    torch.save({'loss': loss.detach(), 'img_grad': i.grad, 'txt_grad': t.grad}, f'{out}/rank{rank}.pt')
+    torch.save({'loss': loss.detach(), 'img_grad': i.grad, 'txt_grad': t.grad, 'calls': cc.calls, 'bytes': cc.bytes},
+               f'{out}/rank{rank}.pt')
     dist.destroy_process_group()
 
 if __name__ == '__main__': main(sys.argv[1], sys.argv[2] == '1')

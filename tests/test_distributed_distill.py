@@ -1,4 +1,5 @@
-"A real 2-process gloo run of qclip.loss.DistillClipLoss (teacher embeddings gathered like the features) equals the full batch."
+"""A real 2-process gloo run of qclip.loss.DistillClipLoss (teacher embeddings gathered like the features) equals the
+full batch, and sends each tensor once: the student's features in one all_gather, the teacher's in another."""
 import subprocess, sys
 from pathlib import Path
 import pytest, torch
@@ -26,3 +27,6 @@ def test_two_process_distill_equals_full_batch(tmp_path, local_loss):
     for k, r in enumerate(ranks):
         torch.testing.assert_close(r['img_grad'], WORLD * img.grad[k*b:(k+1)*b], atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(r['txt_grad'], WORLD * txt.grad[:, k*b:(k+1)*b], atol=1e-5, rtol=1e-4)
+        K, (B, D), Dt = txt.shape[0], img.shape, t_img.shape[1]
+        assert r['calls'] == {'all_gather': 2}, r['calls']  # (image + K texts) and (teacher image + K teacher texts)
+        assert r['bytes']['all_gather'] == (1 + K) * b * (D + Dt) * 4 * (WORLD - 1)

@@ -64,13 +64,21 @@ def crop_resize(
     return torch.from_numpy(np.asarray(out).copy()).permute(2, 0, 1)
 
 _SCALE, _SHIFT = (1 / (255 * STD)).numpy(), (-MEAN / STD).numpy()
+_CONSTS = {}  # device -> (scale, shift) tensors, made once: a fresh host->device copy per batch would sync
 
-def normalize_batch(x:torch.Tensor)->torch.Tensor:
-    "uint8 [B, 3, H, W] -> float32 with CLIP's mean and std."
-    if x.device.type != 'cpu': return x.float().mul_(torch.as_tensor(_SCALE, device=x.device)).add_(torch.as_tensor(_SHIFT, device=x.device))
-    a = x.numpy().astype(np.float32)  # numpy's uint8 -> float32 is ~4x faster than torch's on one CPU thread
-    a *= _SCALE; a += _SHIFT
-    return torch.from_numpy(a)
+def normalize_batch(
+    x:torch.Tensor,      # uint8 [B, 3, H, W] on any device
+    engine:str='auto',   # 'numpy' (CPU tensors), 'torch' (any device), 'auto': numpy on the CPU, else torch
+)->torch.Tensor:
+    "uint8 [B, 3, H, W] -> float32 `(x / 255 - mean) / std`, as `x * s + b`: the same float32 bits on every device."
+    if engine == 'auto': engine = 'numpy' if x.device.type == 'cpu' else 'torch'
+    if engine == 'numpy':
+        a = x.numpy().astype(np.float32)  # numpy's uint8 -> float32 is ~4x faster than torch's on one CPU thread
+        a *= _SCALE; a += _SHIFT
+        return torch.from_numpy(a)
+    if x.device not in _CONSTS: _CONSTS[x.device] = tuple(torch.from_numpy(c).to(x.device) for c in (_SCALE, _SHIFT))
+    s, b = _CONSTS[x.device]
+    return x.float().mul_(s).add_(b)  # two rounded float32 operations, as numpy's (no fused multiply-add)
 
 # %% ../../nbs/03_data.augment.ipynb #e2cd1720
 class CropTransform:

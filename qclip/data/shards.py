@@ -4,7 +4,7 @@
 
 # %% ../../nbs/02_data.shards.ipynb #5e3d6db7
 from __future__ import annotations
-import gzip, io, json, os, random, re, tarfile
+import contextlib, gzip, hashlib, io, json, os, random, re, tarfile
 from collections import Counter
 from dataclasses import dataclass, replace
 from itertools import accumulate, islice
@@ -18,9 +18,9 @@ from .augment import CropTransform, normalize_batch, param_augs, paug_box
 # %% auto #0
 __all__ = ['CAPTION_SOURCES', 'IMAGE_KEYS', 'EMB_KEYS', 'DATASETS', 'BAD_KINDS', 'DatasetSpec', 'dataset_spec',
            'check_caption_source', 'data_root_of', 'find_sources', 'find_shards', 'shard_weights', 'count_samples',
-           'subset_shards', 'BadSample', 'BadDataError', 'BadCounter', 'tar_members', 'read_tar', 'join_dr',
+           'subset_shards', 'BadSample', 'BadDataError', 'bad_id', 'BadCounter', 'tar_members', 'read_tar', 'join_dr',
            'pair_dr_shards', 'captions_of', 'teacher_embeddings', 'ShardStream', 'make_loader', 'train_transform',
-           'eval_transform']
+           'eval_transform', 'device_batches']
 
 # %% ../../nbs/02_data.shards.ipynb #cad48931
 CAPTION_SOURCES = ('gt', 'syn', 'gt+syn')
@@ -160,31 +160,48 @@ class BadSample(Exception):
 class BadDataError(RuntimeError):
     "Most of the data fails to read: stop instead of training on nothing."
 
+def bad_id(*where:str)->int:
+    "A 63-bit id of a bad shard (url) or sample (url, key): the same in every process and run (unlike `hash`)."
+    return int.from_bytes(hashlib.blake2b('\0'.join(where).encode(), digest_size=8).digest(), 'big') >> 1
+
 class BadCounter:
-    "Skipped samples by kind; raises `BadDataError` once failures exceed `max_bad_frac` of what was read."
+    "Failures by kind, as reads and as distinct shards/samples; `BadDataError` once they exceed `max_bad_frac`."
     def __init__(self, max_bad_frac:float=0.5, min_bad:int=20, what:str='the shards'):
         self.max_bad_frac, self.min_bad, self.what = max_bad_frac, min_bad, what
         self.counts, self.n, self.n_read_bad, self.examples, self._sent = Counter(), 0, 0, {}, Counter()
+        self.ids, self._new = {}, {}  # kind -> ids of the distinct bad shards/samples; those not yet taken
 
     def seen(self):
-        "One sample read from a tar and handed on to decoding (its decode may still fail)."
+        "One sample taken for decoding (after the shuffle buffer): its outcome, good or bad, is known now."
         self.n += 1
 
-    def bad(self, kind:str, exn=None, read:bool=False):
-        "Count one failure of `kind` (`read`: a shard or sample lost before decoding); fail the run when failures dominate."
+    def bad(self,
+        kind:str,            # one of `BAD_KINDS`
+        exn=None,            # what went wrong (the first of each kind is quoted in `BadDataError`)
+        read:bool=False,     # lost before decoding (a shard, a truncated tail, a sample missing from a join)
+        where:tuple=(),      # (url,) of a shard, (url, key) of a sample: what makes it the same failure when read again
+    ):
+        "Count one failure of `kind`; fail the run when failures dominate what was decoded or lost so far."
         self.counts[kind] += 1; self.n_read_bad += read
+        if where and (i := bad_id(*where)) not in self.ids.setdefault(kind, set()):
+            self.ids[kind].add(i); self._new.setdefault(kind, []).append(i)
         self.examples.setdefault(kind, str(exn)[:200])
         nbad, total = sum(self.counts.values()), self.n + self.n_read_bad
         if nbad >= self.min_bad and nbad > self.max_bad_frac * total:
-            raise BadDataError(f"{nbad} of {total} samples/shards of {self.what} failed to read (more than "
-                f"max_bad_frac={self.max_bad_frac}): {dict(self.counts)}; e.g. " +
+            raise BadDataError(f"{nbad} of the {total} samples/shards of {self.what} decoded or lost so far failed to "
+                f"read (more than max_bad_frac={self.max_bad_frac}): {dict(self.counts)}; e.g. " +
                 '; '.join(f'{k}: {v}' for k, v in self.examples.items()) +
                 ". Check data_root and that the shards have the layout of the dataset (keys jpg/png/webp, txt, syn.json, ...).")
 
     def take(self)->dict:
-        "Counts since the last call (what a batch reports to the training loop)."
+        "Failures (reads) since the last call (what a batch reports to the training loop)."
         d = {k: v - self._sent[k] for k, v in self.counts.items() if v - self._sent[k]}
         self._sent = Counter(self.counts)
+        return d
+
+    def take_ids(self)->dict:
+        "{kind: ids} of bad shards/samples first met since the last call (the loop unions them over workers, ranks)."
+        d, self._new = self._new, {}
         return d
 
 # %% ../../nbs/02_data.shards.ipynb #fec119f1
@@ -256,7 +273,7 @@ def read_tar(url:str, counter:BadCounter, limit:int|None=None):
             cur[ext.lower()] = data
         if cur is not None: yield cur
     except Exception as e:
-        counter.bad('truncated' if started else 'shard', f'{url}: {e!r}', read=True)
+        counter.bad('truncated' if started else 'shard', f'{url}: {e!r}', read=True, where=(url,))
     finally:
         try:
             if stream is not None: stream.close()
@@ -281,7 +298,9 @@ def join_dr(samples, dr_samples, counter:BadCounter, window:int=1000):
             else:
                 pending[u] = nxt
                 if len(pending) > window: pending.pop(next(iter(pending)))
-        if d is None: counter.bad('missing', f"{s['__url__']}:{s['__key__']}: no DataCompDR sample with uid {uid}", read=True); continue
+        if d is None:
+            counter.bad('missing', f"{s['__url__']}:{s['__key__']}: no DataCompDR sample with uid {uid}", read=True,
+                        where=(s['__url__'], s['__key__'])); continue
         yield {**d, **s}
 
 def pair_dr_shards(image_shards:list[str], dr_shards:list[str])->dict:
@@ -363,13 +382,15 @@ class ShardStream(IterableDataset):
         extras:bool=False,       # yield dicts (with `bad` counts, keys, teacher embeddings) instead of tuples
         max_bad_frac:float=0.5,  # fail with `BadDataError` when more of the data than this fails to read
         dr_shards:dict|None=None,# {image shard: DataCompDR shard} to join by uid at read time (`pair_dr_shards`)
+        normalize:bool=True,     # float32 images normalised here; False: uint8 [B,3,H,W], normalised on the device
     ):
         super().__init__()
         if not shards: raise ValueError('shards is empty')
         self.__dict__.update(shards=list(shards), spec=spec, caption_source=caption_source, tokenizer=tokenizer,
             transform=transform, batch_size=batch_size, seed=seed, chunk=chunk, train=train, rank=rank,
             world_size=world_size, shuffle_buffer=shuffle_buffer, weights=weights, limits=limits or {},
-            teacher=teacher, paug=paug, extras=extras, max_bad_frac=max_bad_frac, dr_shards=dr_shards or {})
+            teacher=teacher, paug=paug, extras=extras, max_bad_frac=max_bad_frac, dr_shards=dr_shards or {},
+            normalize=normalize)
         self._cum = list(accumulate(weights)) if weights else None  # one cumulative sum, not one per draw
 
     def _rng(self, worker): return random.Random(f'{self.seed}-{self.chunk}-{self.rank}-{worker}')
@@ -414,16 +435,16 @@ class ShardStream(IterableDataset):
         for url in self._urls(rng, worker, num_workers):
             it = read_tar(url, counter, self.limits.get(url))
             if url in self.dr_shards: it = join_dr(it, read_tar(self.dr_shards[url], counter), counter)
-            for s in it: counter.seen(); yield s
+            yield from it
 
     def _batch(self, items, counter):
         x = torch.stack([it['image'] for it in items])
-        x = normalize_batch(x) if x.dtype == torch.uint8 else x
+        x = normalize_batch(x) if x.dtype == torch.uint8 and self.normalize else x
         K = len(items[0]['captions'])
         t = self.tokenizer([c for it in items for c in it['captions']]).view(len(items), K, -1)
         if not self.extras: return x, t
         b = dict(images=x, texts=t, keys=[it['key'] for it in items], aug=torch.tensor([it['aug'] for it in items]),
-                 bad=counter.take())
+                 bad=counter.take(), bad_ids=counter.take_ids())
         if self.teacher: b.update(image_emb=torch.stack([it['image_emb'] for it in items]),
                                   text_emb=torch.stack([it['text_emb'] for it in items]))
         return b
@@ -438,16 +459,23 @@ class ShardStream(IterableDataset):
         if self.train: src = wds.filters._shuffle(src, self.shuffle_buffer, min(100, self.shuffle_buffer), rng)
         batch = []
         for s in src:
+            counter.seen()
             try: it = self._sample(s, rng)
-            except BadSample as e: counter.bad(e.kind, f"{s.get('__url__')}:{s.get('__key__')}: {e}"); continue
+            except BadSample as e:
+                counter.bad(e.kind, f"{s['__url__']}:{s['__key__']}: {e}", where=(s['__url__'], s['__key__'])); continue
             batch.append(it)
             if len(batch) == self.batch_size: yield self._batch(batch, counter); batch = []
         if batch and not self.train: yield self._batch(batch, counter)
 
-def make_loader(stream:ShardStream, num_batches:int|None=None, workers:int=0):
-    "Iterate `num_batches` batches of `stream` (all of them for evaluation) with `workers` loader processes."
+def make_loader(
+    stream:ShardStream,         # the batches
+    num_batches:int|None=None,  # how many (None: all of them, for evaluation)
+    workers:int=0,              # loader processes (0: in this process)
+    pin_memory:bool=False,      # page-locked batches, so a `non_blocking` copy to a GPU is asynchronous (needs CUDA)
+):
+    "Iterate `num_batches` batches of `stream` with `workers` loader processes."
     dl = DataLoader(stream, batch_size=None, num_workers=workers, persistent_workers=False,
-                    prefetch_factor=4 if workers else None)
+                    prefetch_factor=4 if workers else None, pin_memory=pin_memory and torch.cuda.is_available())
     return islice(dl, num_batches) if num_batches is not None else iter(dl)
 
 def train_transform(image_size:int, scale=(0.9, 1.0), ratio=(0.75, 4/3))->CropTransform:
@@ -457,3 +485,39 @@ def train_transform(image_size:int, scale=(0.9, 1.0), ratio=(0.75, 4/3))->CropTr
 def eval_transform(image_size:int)->CropTransform:
     "Resize + centre crop as one box."
     return CropTransform(image_size, train=False)
+
+# %% ../../nbs/02_data.shards.ipynb #e25b9913
+def _load(b, device, normalize:bool, stream):
+    "`b` with its tensors copied to `device` (asynchronously from pinned memory) and uint8 images normalised there."
+    with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+        out = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v
+               for k, v in (b.items() if isinstance(b, dict) else enumerate(b))}
+        img = 'images' if isinstance(b, dict) else 0
+        if normalize and out[img].dtype == torch.uint8: out[img] = normalize_batch(out[img], 'torch')
+        ev = None
+        if stream is not None: ev = torch.cuda.Event(); ev.record(stream)
+    return (out if isinstance(b, dict) else tuple(out[i] for i in range(len(b)))), ev
+
+def _ready(b, ev, device):
+    "Make the training stream wait for `b`'s copy, and keep `b`'s memory from being recycled while it is in use."
+    if ev is None: return b
+    main = torch.cuda.current_stream(device)
+    main.wait_event(ev)
+    for v in (b.values() if isinstance(b, dict) else b):
+        if torch.is_tensor(v): v.record_stream(main)
+    return b
+
+def device_batches(
+    batches,               # loader batches: dicts (`extras=True`) or (images, texts) tuples
+    device,                # where the step runs
+    normalize:bool=True,   # normalise uint8 images on `device` (`normalize_batch`)
+    ahead:int=1,           # batches copied ahead of the one in use
+):
+    "`batches` on `device`, copied `ahead` of use (on CUDA: on a side stream, overlapping the step)."
+    device = torch.device(device)
+    stream = torch.cuda.Stream(device) if device.type == 'cuda' else None
+    q = []
+    for b in batches:
+        q.append(_load(b, device, normalize, stream))
+        if len(q) > ahead: yield _ready(*q.pop(0), device)
+    while q: yield _ready(*q.pop(0), device)
