@@ -116,8 +116,9 @@ LOCK_FILE, LOCK_ENV = '.qclip.lock', 'QCLIP_LOCKED_RUN'
 def lock_holder(out_dir)->dict|None:
     "Who holds `out_dir` ({host, pid, since, cmd}), or None when no job does."
     f = Path(out_dir)/LOCK_FILE
-    if not f.is_file(): return None
-    with open(f, 'a+') as fh:
+    try: fh = open(f, 'r')  # never creates the file
+    except (FileNotFoundError, IsADirectoryError): return None
+    with fh:
         try: fcntl.flock(fh, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:
             with contextlib.suppress(ValueError): return json.loads(f.read_text() or '{}') or {}
@@ -155,14 +156,19 @@ def run_lock(
     d = Path(out_dir).absolute()
     if not (lock_here() if enabled is None else enabled) or os.environ.get(LOCK_ENV) == str(d):
         yield d; return  # rank > 0, or inside the lock of the process that started this one
-    created = not d.exists()
+    created, t_end = not d.exists(), time.monotonic() + wait
     d.mkdir(parents=True, exist_ok=True)
-    fh, t_end = open(d/LOCK_FILE, 'a+'), time.monotonic() + wait
     while True:
-        try: fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB); break
+        fh = open(d/LOCK_FILE, 'a+')
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            with contextlib.suppress(FileNotFoundError):  # the file we locked is still the one at the path (not unlinked by
+                if os.fstat(fh.fileno()).st_ino == os.stat(d/LOCK_FILE).st_ino: break  # a holder that just finished)
+            fh.close(); continue
         except BlockingIOError:
+            fh.close()
             if time.monotonic() < t_end: time.sleep(0.1); continue
-            fh.close(); h = lock_holder(d) or {}
+            h = lock_holder(d) or {}
             raise RunLockedError(f"out_dir={str(d)!r} is in use by another job ({_describe(h)}); "
                                  "wait for it to finish, stop it, or choose another out_dir") from None
     fh.seek(0); fh.truncate()
@@ -176,9 +182,8 @@ def run_lock(
         if export:
             if old is None: os.environ.pop(LOCK_ENV, None)
             else: os.environ[LOCK_ENV] = old
-        if not ok and created and [p.name for p in d.iterdir()] == [LOCK_FILE]:  # failed before writing anything
-            (d/LOCK_FILE).unlink(); d.rmdir()
-        else: fh.seek(0); fh.truncate(); fh.flush()
+        (d/LOCK_FILE).unlink(missing_ok=True)  # while still held: a job waiting on this file sees it gone and reopens
+        if not ok and created and not any(d.iterdir()): d.rmdir()  # failed before writing anything: no empty folder
         fcntl.flock(fh, fcntl.LOCK_UN); fh.close()
 
 # %% ../nbs/00_core.ipynb #e3c84426

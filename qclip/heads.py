@@ -13,13 +13,14 @@ from open_clip.transformer import VisionTransformer as OpenClipViT
 from open_clip.timm_model import TimmModel
 from timm.models.vision_transformer import VisionTransformer as TimmViT
 from safetensors.torch import load_file
-from .models import CLIP_MODELS, IMAGE_ENCODERS, create_clip, create_image_encoder, feature_maps
+from .models import (CLIP_MODELS, IMAGE_ENCODERS, create_clip, create_image_encoder, feature_maps, _unwrap, is_vit,
+                          vit_input_size)
 
 # %% auto #0
-__all__ = ['DEPTH_METRICS', 'is_arch', 'build_tower', 'load_tower_weights', 'load_encoder', 'is_vit', 'vit_input_size',
-           'set_img_size', 'set_drop_path', 'SimpleFeaturePyramid', 'DenseEncoder', 'dense_encoder', 'layer_ids',
-           'layer_decay_groups', 'SelectiveFeatureFusion', 'GLPDepthDecoder', 'DepthModel', 'SiLogLoss', 'eigen_crop',
-           'depth_metrics', 'flip_tta', 'shift_window', 'pooled_tower', 'Classifier', 'LinearProbe', 'classifier']
+__all__ = ['DEPTH_METRICS', 'is_arch', 'build_tower', 'load_tower_weights', 'load_encoder', 'set_img_size', 'set_drop_path',
+           'SimpleFeaturePyramid', 'DenseEncoder', 'dense_encoder', 'layer_ids', 'layer_decay_groups',
+           'SelectiveFeatureFusion', 'GLPDepthDecoder', 'DepthModel', 'SiLogLoss', 'eigen_crop', 'depth_metrics',
+           'flip_tta', 'shift_window', 'pooled_tower', 'Classifier', 'classifier']
 
 # %% ../nbs/08_heads.ipynb #1c753277
 _WEIGHT_SUFFIXES = ('.safetensors', '.pt', '.pth', '.bin')
@@ -100,19 +101,6 @@ def load_encoder(
     return tower
 
 # %% ../nbs/08_heads.ipynb #676392d1
-def _unwrap(tower:nn.Module)->nn.Module:
-    "An open_clip tower around a timm model is its timm trunk (dense tasks use neither its pooling nor projection)."
-    return tower.trunk if isinstance(tower, TimmModel) else tower
-
-def is_vit(tower:nn.Module)->bool: return isinstance(_unwrap(tower), (OpenClipViT, TimmViT))
-
-def vit_input_size(tower:nn.Module)->tuple[int, int]|None:
-    "The (H, W) a ViT tower's position embeddings are laid out for; None for convolutional towers."
-    t = _unwrap(tower)
-    if isinstance(t, OpenClipViT): return tuple(t.image_size) if isinstance(t.image_size, (tuple, list)) else (t.image_size,) * 2
-    if isinstance(t, TimmViT): return tuple(t.patch_embed.img_size)
-    return None
-
 def set_img_size(tower:nn.Module, img_size:int|tuple)->nn.Module:
     "Resample a ViT tower's position-embedding grid for `img_size` inputs (in place; convolutional towers are unchanged)."
     t, size = _unwrap(tower), (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
@@ -385,10 +373,6 @@ class Classifier(nn.Module):
             with torch.no_grad(): f = self.encoder(x)
         else: f = self.encoder(x)
         return self.head(f.float())
-
-def LinearProbe(tower:nn.Module, num_classes:int)->Classifier:
-    "A linear layer on the frozen tower's pooled features."
-    return Classifier(tower, num_classes, frozen=True)
 
 def classifier(
     encoder:str,                  # architecture name or checkpoint path (see `load_encoder`)
