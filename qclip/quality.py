@@ -99,16 +99,16 @@ def faithfulness(caption:str, objects:list[dict])->dict:
     return dict(main_named=float(mentions_object(caption, main['colour'], main['shape'])),
                 absent_named=float(not (m['colours'] <= {o['colour'] for o in objects} and m['shapes'] <= {o['shape'] for o in objects})))
 
-# %% ../nbs/09b_quality.ipynb #8d8f0f43
+# %% ../nbs/09b_quality.ipynb #f4a209e6
 def load_scorer(spec:str, device='cpu'):
-    "A CLIP to score alignment with: a 10_pretrain run folder, or model=weights; (model, tokenizer)."
+    "A CLIP to score alignment with: a 10_pretrain run folder, or model:weights; (model, tokenizer)."
     spec = str(spec)
     if Path(spec).is_dir():
         model, name = load_run(spec), yaml.safe_load((Path(spec)/'params.yaml').read_text())['model']
     else:
-        name, _, w = spec.partition('=')
+        name, _, w = spec.partition(':')
         if name not in CLIP_MODELS or not w:
-            raise ValueError(f"scorer={spec!r}: expected a 10_pretrain run folder or model=weights with a model in {', '.join(CLIP_MODELS)}")
+            raise ValueError(f"scorer={spec!r}: expected a 10_pretrain run folder or model:weights with a model in {', '.join(CLIP_MODELS)}")
         model = create_clip(name, pretrained=w)
     return model.to(device).eval(), get_tokenizer(name)
 
@@ -201,17 +201,21 @@ def plot_quality(frame:pd.DataFrame, summary:pd.DataFrame, path=None):
         with atomic_path(path) as tmp: fig.savefig(tmp, format='png', dpi=110)
     return fig
 
-# %% ../nbs/09b_quality.ipynb #4467696b
+# %% ../nbs/09b_quality.ipynb #184fcfa2
 QUALITY_DEFAULTS = dict(
     sources='synth-align,synth-datacomp,synth-datacompdr', # datasets and/or qclip reinforce output folders, comma-separated
-    reinforced='',              # more qclip reinforce output folders (what `qclip run` passes from a reinforce stage)
+    reinforced='',              # more qclip reinforce output folders (what qclip run passes from a reinforce stage)
     n_images=512,               # images per source (each with all its captions)
     split='train',              # the captions pretraining sees
-    scorer='',                  # CLIP for the alignment score: 10_pretrain folder or model=weights; '' = train one (scorer_steps)
-    scorer_steps=150,           # '' scorer: pretrain a tiny-vit CLIP this long on scorer_dataset first (0 = no alignment score)
-    scorer_dataset='synth-datacompdr', scorer_caption_source='gt+syn',
-    synth_n=4096, synth_size=64,# built-in datasets: the shards to read (as 10_pretrain's synth_n)
-    device='auto', out_dir='runs/caption-quality')
+    scorer='',                  # CLIP for the alignment score: 10_pretrain folder or model:weights; empty: train one
+    scorer_steps=150,           # no scorer: pretrain a tiny-vit CLIP this long on scorer_dataset first (0: no alignment score)
+    scorer_dataset='synth-datacompdr', # the scorer's training data ...
+    scorer_caption_source='gt+syn',    # ... and captions
+    synth_n=4096,               # built-in datasets: the shards to read (as 10_pretrain's synth_n)
+    synth_size=64,              # ... their side in pixels
+    device='auto',              # auto | cpu | cuda
+    out_dir='runs/caption-quality', # captions.csv, quality.csv, quality.png, results.json
+)
 
 def check_quality_params(**params)->dict:
     "Defaults merged with `params`, each checked; fails naming the parameter and what it accepts."

@@ -20,19 +20,19 @@ from .distributed import init_distributed, launch, launch_request, rank_world, b
 # %% auto #0
 __all__ = ['COCA_CONFIGS', 'COCA_MODELS', 'SOT', 'EOT', 'PAD', 'DECODINGS', 'TEACHER_SLOT', 'TEACHER_SLOTS',
            'COCA_TRAIN_DEFAULTS', 'REINFORCE_DEFAULTS', 'register_coca_configs', 'create_coca', 'decode_captions',
-           'CaptionDecoder', 'sample_tokens', 'caption_images', 'parse_teachers', 'load_teacher', 'teacher_layout',
-           'aug_boxes', 'teacher_embeddings', 'npz_bytes', 'train_coca', 'check_reinforce_params', 'shard_seed',
-           'sample_uid', 'Captioner', 'reinforce_shard', 'reinforce_tasks', 'reinforce', 'examples', 'plot_examples',
-           'cli']
+           'CaptionDecoder', 'candidates', 'sample_tokens', 'caption_images', 'parse_teachers', 'load_teacher',
+           'teacher_layout', 'aug_boxes', 'teacher_embeddings', 'npz_bytes', 'train_coca', 'check_reinforce_params',
+           'shard_seed', 'sample_uid', 'Captioner', 'reinforce_shard', 'reinforce_tasks', 'reinforce', 'examples',
+           'plot_examples', 'cli']
 
-# %% ../nbs/09a_reinforce.ipynb #95459b4b
-_TINY_COCA_TEXT = dict(context_length=40, vocab_size=49408, width=128, heads=2, layers=3, embed_cls=True, output_tokens=True)
+# %% ../nbs/09a_reinforce.ipynb #217ab9ae
+_TINY_COCA_TEXT = dict(context_length=32, vocab_size=49408, width=128, heads=2, layers=3, embed_cls=True, output_tokens=True)
 COCA_CONFIGS = {
     'tiny-coca': dict(embed_dim=128,
                       vision_cfg=dict(image_size=64, patch_size=8, width=128, layers=6, head_width=32, attentional_pool=True,
                                       attn_pooler_queries=16, attn_pooler_heads=4, output_tokens=True),
                       text_cfg=_TINY_COCA_TEXT,
-                      multimodal_cfg=dict(context_length=40, vocab_size=49408, width=128, heads=2, layers=3, attn_pooler_heads=4),
+                      multimodal_cfg=dict(context_length=32, vocab_size=49408, width=128, heads=2, layers=3, attn_pooler_heads=4),
                       custom_text=True),
 }
 
@@ -158,14 +158,29 @@ class CaptionDecoder:
         self.t += 1
         return dec.ln_final(x[:, 0]) @ dec.text_projection
 
-# %% ../nbs/09a_reinforce.ipynb #cf29b12d
+# %% ../nbs/09a_reinforce.ipynb #be6609f7
 DECODINGS = ('top_p', 'top_k', 'beam_search')
 
-def _processors(min_seq_len, repetition_penalty, decoding, top_p, top_k):
-    from transformers import LogitsProcessorList, MinLengthLogitsProcessor, RepetitionPenaltyLogitsProcessor, TopPLogitsWarper, TopKLogitsWarper
-    proc = LogitsProcessorList([MinLengthLogitsProcessor(min_seq_len, torch.tensor([EOT])),
-                                RepetitionPenaltyLogitsProcessor(repetition_penalty)])
-    return proc, (TopPLogitsWarper(top_p) if decoding == 'top_p' else TopKLogitsWarper(top_k))
+def _processors(min_seq_len, repetition_penalty, decoding, top_p, top_k, device):
+    from transformers import (LogitsProcessorList, MinLengthLogitsProcessor, RepetitionPenaltyLogitsProcessor,
+                              TopPLogitsWarper, TopKLogitsWarper)
+    proc = [MinLengthLogitsProcessor(min_seq_len, torch.tensor([EOT], device=device))]
+    if repetition_penalty != 1: proc.append(RepetitionPenaltyLogitsProcessor(repetition_penalty))  # 1 is the identity
+    return LogitsProcessorList(proc), (TopPLogitsWarper(top_p) if decoding == 'top_p' else TopKLogitsWarper(top_k))
+
+def candidates(scores:torch.Tensor, decoding:str, top_p:float=0.9, top_k:int=50, temperature:float=1.0, k0:int=64):
+    "(token ids [R, k], probabilities [R, k]): `transformers`' top-k / top-p warper, then the temperature, on the top `k` only."
+    if decoding == 'top_k':
+        v, i = scores.topk(min(top_k, scores.shape[-1]))
+        return i, F.softmax(v / temperature, -1)
+    p, k = F.softmax(scores.float(), -1), min(k0, scores.shape[-1])
+    while True:  # the smallest candidate set that holds every row's nucleus (a flat row: the whole vocabulary, sorted)
+        pv, i = p.topk(k) if k < scores.shape[-1] else p.sort(-1, descending=True)
+        if k == scores.shape[-1] or bool((pv.sum(-1) >= top_p).all()): break
+        k = 16 * k if 16 * k <= 4096 else scores.shape[-1]
+    keep = (pv.cumsum(-1) - pv) < top_p  # the mass of the more probable tokens is below top_p
+    keep[:, 0] = True
+    return i, F.softmax((scores.gather(-1, i) / temperature).masked_fill(~keep, float('-inf')), -1)
 
 @torch.no_grad()
 def sample_tokens(
@@ -177,6 +192,7 @@ def sample_tokens(
     seq_len:int=30,           # tokens including <start_of_text> and the forced <end_of_text>
     min_seq_len:int=5,        # no <end_of_text> before this many tokens
     repetition_penalty:float=1.0,
+    exact:bool=False,         # draw from the whole vocabulary as `CoCa.generate` does (same tokens for the same seed)
 )->torch.Tensor:              # [B*n, <= seq_len] token ids, padded with 0 like `CoCa.generate`
     "`CoCa.generate`'s sampling loop, batched over images x captions, with cached keys/values and one image encoding."
     check_choice('decoding', decoding, DECODINGS[:2])
@@ -184,18 +200,19 @@ def sample_tokens(
     _, embs = model._encode_image(images)
     embs = embs.repeat_interleave(n, 0)
     R, dev = len(embs), images.device
-    proc, warp = _processors(min_seq_len, repetition_penalty, decoding, top_p, top_k)
-    proc[0].eos_token_id = proc[0].eos_token_id.to(dev)
+    proc, warp = _processors(min_seq_len, repetition_penalty, decoding, top_p, top_k, dev)
     dec = CaptionDecoder(model); dec.start(embs, seq_len)
     out = torch.full((R, 1), SOT, dtype=torch.long, device=dev)
     alive = torch.arange(R, device=dev)
     while True:
-        cur = out.shape[1]
-        logits = dec.step(out[alive, -1])
+        cur, x = out.shape[1], out[alive]
+        scores = proc(x, dec.step(out[alive, -1]).float())
         nxt = torch.full((R, 1), PAD, dtype=torch.long, device=dev)
-        x = out[alive]
-        probs = F.softmax(warp(x, proc(x, logits)) / temperature, dim=-1)
-        nxt[alive] = EOT if cur + 1 == seq_len else torch.multinomial(probs, 1)
+        if cur + 1 == seq_len: nxt[alive] = EOT
+        elif exact: nxt[alive] = torch.multinomial(F.softmax(warp(x, scores) / temperature, dim=-1), 1)
+        else:
+            ids, probs = candidates(scores, decoding, top_p, top_k, temperature)
+            nxt[alive] = ids.gather(-1, torch.multinomial(probs, 1))
         out = torch.cat([out, nxt], 1)
         still = (nxt[alive, 0] != EOT) & (nxt[alive, 0] != PAD)
         if out.shape[1] >= seq_len or not still.any(): break
@@ -228,17 +245,17 @@ def caption_images(
     caps = decode_captions(toks)
     return [caps[i*n:(i+1)*n] for i in range(len(images))]
 
-# %% ../nbs/09a_reinforce.ipynb #7f5f510b
+# %% ../nbs/09a_reinforce.ipynb #aeba700e
 TEACHER_SLOT, TEACHER_SLOTS = 768, 2  # what `10_pretrain -p w1` reads: DataCompDR's two 768-d teachers, concatenated
 
 def parse_teachers(spec:str)->list[tuple[str, str]]:
-    "'ViT-L-14=/w/openai.bin,tiny-vit=runs/p/model.safetensors' -> [(model, weights), ...]; a 10_pretrain folder works too."
+    "'ViT-L-14:/w/openai.bin,tiny-vit:runs/p/model.safetensors' -> [(model, weights), ...]; a 10_pretrain folder works too."
     out = []
     for part in [p.strip() for p in str(spec or '').split(',') if p.strip()]:
-        name, _, w = part.partition('=')
+        name, _, w = part.partition(':')
         if Path(name).is_dir() and not w:  # a 10_pretrain run folder: its params.yaml names the model
             d = Path(name); name, w = yaml.safe_load((d/'params.yaml').read_text())['model'], str(d/'model.safetensors')
-        if not w: raise ValueError(f"teachers={spec!r}: {part!r} names no weights; expected model=/path/to/weights (teachers must be trained)")
+        if not w: raise ValueError(f"teachers={spec!r}: {part!r} names no weights; expected model:/path/to/weights (teachers must be trained)")
         if name not in CLIP_MODELS and name not in open_clip.list_models():
             raise ValueError(f"teachers={spec!r}: unknown CLIP model {name!r}; expected an open_clip or qclip model name")
         if not Path(w).is_file(): raise FileNotFoundError(f"teachers={spec!r}: weights {w!r} of {name} is not a file")
@@ -358,31 +375,37 @@ def train_coca(**params)->dict:
     atomic_write_text(out/'results.json', json.dumps(res, indent=1))
     return res
 
-# %% ../nbs/09a_reinforce.ipynb #5ad0ec2e
+# %% ../nbs/09a_reinforce.ipynb #ecdf1eaa
 REINFORCE_DEFAULTS = dict(
     dataset='synth-align',      # images to caption: a DATASETS name (synth-* built in; datacomp / cc12m / ... under data_root)
     data_root='',               # their shards: folder, brace pattern or URL ('::' joins sources); default $QCLIP_DATA/<dataset>
     splits='train',             # comma-separated splits to reinforce, e.g. 'train,val'
-    coca='coca_ViT-L-14',       # captioner (DataCompDR: coca_ViT-L-14): coca_ViT-L-14 | coca_ViT-B-32 | tiny-coca
-    coca_weights='',            # local CoCa weights file; '' = random init (noise captions: for tests and benchmarks only)
-    coca_train_steps=0,         # > 0 and no weights: first train `coca` for this many steps with CoCaLoss (train_coca)
+    coca='tiny-coca',           # captioner: tiny-coca | coca_ViT-B-32 | coca_ViT-L-14 (DataCompDR: coca_ViT-L-14)
+    coca_weights='',            # local CoCa weights file; empty: trained first, or random init (noise captions, tests only)
+    coca_train_steps=200,       # no weights: first train the CoCa this many steps with CoCaLoss (0: random init; paper: pretrained)
     coca_train_dataset='synth-datacompdr', # ... on this dataset's synthetic captions
     n_captions=5,               # synthetic captions per image (DataCompDR: 5)
-    decoding='top_p',           # top_p | top_k | beam_search (beam search: n_captions=1)
-    top_p=0.9, top_k=50, temperature=1.0,
+    decoding='top_p',           # top_p | top_k | beam_search (beam search: one caption per image)
+    top_p=0.9,                  # top_p: sample from the most probable tokens holding this much mass
+    top_k=50,                   # top_k: sample from this many most probable tokens
+    temperature=1.0,            # divides the logits after top-p / top-k (as CoCa.generate)
     seq_len=30,                 # maximum caption tokens including start and end
-    min_seq_len=5, repetition_penalty=1.0, num_beams=6, num_beam_groups=3,
-    teachers='',                # CLIP teachers for the npz embeddings: model=weights[,model=weights] (DataCompDR: ViT-L-14 openai + datacomp_xl)
+    min_seq_len=5,              # no end of text before this many tokens (CoCa.generate's default)
+    repetition_penalty=1.0,     # above 1: discourage repeated tokens (1: off)
+    num_beams=6,                # beam_search: beams (CoCa.generate's default)
+    num_beam_groups=3,          # beam_search: beam groups (CoCa.generate's default)
+    teachers='',                # CLIP teachers for the npz embeddings: model:weights[,model:weights] (DataCompDR: ViT-L-14 openai + datacomp_xl)
     n_aug=0,                    # stored augmentations per image (paug.json + image_emb rows; DataCompDR-12M: 30, -1B: 10); needs teachers
     write_images=False,         # also copy the image shards' keys (jpg, txt, json, ...): self-contained joined shards
     batch_size=32,              # images per generate call
     precision='fp32',           # fp32 | bf16 (GPU)
     seed=0,                     # seeds every shard's sampling: same seed, same bytes (at a fixed batch_size)
     max_bad_frac=0.5,           # stop when more than this share of samples/shards fails to read
-    synth_n=4096, synth_size=64,# built-in datasets: training images and their side; val has synth_val
-    synth_val=256,
+    synth_n=1024,               # built-in datasets: training images (as 10_pretrain's synth_n)
+    synth_size=64,              # ... their side in pixels
+    synth_val=256,              # ... held-out images (splits with val)
     device='auto',              # auto | cpu | cuda
-    out_dir='runs/reinforce',
+    out_dir='runs/reinforce',   # side-car shards under out_dir/<split>/
 )
 _NOT_OUTPUT = ('device', 'out_dir')  # parameters that do not change the bytes written
 
@@ -405,7 +428,7 @@ def check_reinforce_params(**params)->dict:
     if p['decoding'] == 'beam_search' and p['n_captions'] != 1:
         raise ValueError(f"n_captions={p['n_captions']} with decoding='beam_search': beam search gives one caption per image; "
                          "use n_captions=1, or decoding='top_p' / 'top_k'")
-    if p['n_aug'] and not p['teachers']: raise ValueError(f"n_aug={p['n_aug']} needs teachers (model=weights) to embed the stored crops")
+    if p['n_aug'] and not p['teachers']: raise ValueError(f"n_aug={p['n_aug']} needs teachers (model:weights) to embed the stored crops")
     if p['teachers'] and not p['n_aug']: raise ValueError(f"teachers={p['teachers']!r} needs n_aug >= 1 (stored augmentations to embed)")
     parse_teachers(p['teachers'])
     if p['coca_weights'] and not Path(p['coca_weights']).is_file():

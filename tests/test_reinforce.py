@@ -27,7 +27,7 @@ def data(tmp_path_factory):
     save_weights(create_coca('tiny-coca'), root/'coca.safetensors')
     save_weights(create_clip('tiny-vit'), root/'teacher.safetensors')
     params = dict(dataset='datacomp', data_root=str(root/'img'), coca='tiny-coca', coca_weights=str(root/'coca.safetensors'),
-                  n_captions=3, seq_len=10, batch_size=4, teachers=f"tiny-vit={root/'teacher.safetensors'}", n_aug=2,
+                  n_captions=3, seq_len=10, batch_size=4, teachers=f"tiny-vit:{root/'teacher.safetensors'}", n_aug=2,
                   device='cpu', seed=7)
     ref = reinforce(**params, out_dir=str(root/'ref'))
     return dict(root=root, params=params, ref=ref)

@@ -1,0 +1,45 @@
+"""The job notebooks `40_reinforce` and `41_caption_quality` run end to end under papermill (tiny sizes), and the
+`qclip reinforce` / `qclip caption-quality` command functions drive the same jobs."""
+import json
+from pathlib import Path
+import papermill as pm, pytest
+from qclip.quality import cli as quality_cli, load_quality, quality_table
+from qclip.reinforce import cli as reinforce_cli
+
+NBS = Path(__file__).parents[1]/'nbs'
+
+
+@pytest.fixture(scope='module')
+def reinforced(tmp_path_factory):
+    "40_reinforce: a tiny CoCa trained for 2 steps first, then 2 captions per built-in synth-align image."
+    out = tmp_path_factory.mktemp('jobs')/'reinforce'
+    pm.execute_notebook(str(NBS/'40_reinforce.ipynb'), str(out.parent/'40.ipynb'), kernel_name='python3', progress_bar=False,
+                        parameters=dict(coca_train_steps=2, n_captions=2, seq_len=8, batch_size=8, synth_n=64, synth_val=16,
+                                        splits='train,val', write_images=True, device='cpu', out_dir=str(out)))
+    return out
+
+
+def test_reinforce_notebook(reinforced):
+    res = json.loads((reinforced/'results.json').read_text())
+    assert (res['images'], res['written'], res['captions'], res['bad_samples']) == (80, 80, 160, {})
+    assert not res['random_init'] and Path(res['coca_weights']).is_file()  # the CoCa trained in the job
+    assert {'reinforce.yaml', 'examples.png', 'coca', 'train', 'val'} <= {p.name for p in reinforced.iterdir()}
+
+
+def test_caption_quality_notebook(reinforced, tmp_path):
+    pm.execute_notebook(str(NBS/'41_caption_quality.ipynb'), str(tmp_path/'41.ipynb'), kernel_name='python3', progress_bar=False,
+                        parameters=dict(sources='synth-align', reinforced=str(reinforced), n_images=16, synth_n=64,
+                                        scorer_steps=2, device='cpu', out_dir=str(tmp_path/'q')))
+    q = quality_table(load_quality(tmp_path))
+    assert ('synth-align + tiny-coca', 'gt+syn') in q.index and ('synth-align', 'gt') in q.index
+    assert q['clip_score'].notna().all() and (q['captions'] > 0).all()
+
+
+def test_command_functions(reinforced, tmp_path, capsys):
+    assert reinforce_cli(['--coca-weights', json.loads((reinforced/'results.json').read_text())['coca_weights'],
+                          '--n-captions', '1', '--decoding', 'top_k', '--top-k', '5', '--seq-len', '8', '--synth-n', '16',
+                          '--device', 'cpu', '--out-dir', str(tmp_path/'r')]) == 0
+    assert json.loads((tmp_path/'r'/'results.json').read_text())['captions'] == 16
+    assert quality_cli(['--sources', 'synth-align', '--reinforced', str(tmp_path/'r'), '--n-images', '8', '--synth-n', '16',
+                        '--scorer-steps', '0', '--device', 'cpu', '--out-dir', str(tmp_path/'q')]) == 0
+    assert 'synth-align + tiny-coca | syn' in capsys.readouterr().out
