@@ -9,8 +9,9 @@ from pathlib import Path
 import numpy as np, pandas as pd, yaml
 
 # %% auto #0
-__all__ = ['PAPER_TABLE1', 'TABLE1_METRICS', 'LOWER_IS_BETTER', 'DATASET_ROWS', 'FRACTIONS', 'RANDOM_ROW', 'row_name',
-           'collect_runs', 'table1', 'side_by_side', 'ordering', 'plot_table1', 'scaling', 'plot_scaling',
+__all__ = ['PAPER_TABLE1', 'TABLE1_COLUMNS', 'LOWER_IS_BETTER', 'DATASET_ROWS', 'PAPER_ORDER', 'RANDOM_ROW', 'PAIRS', 'row_name',
+           'collect_runs', 'table1_long', 'table1', 't_quantile', 'paired_ci', 'precondition', 'verdicts',
+           'task_verdicts', 'side_by_side', 'plot_table1', 'plot_intervals', 'scaling', 'plot_scaling',
            'attention_runs', 'short_name', 'plot_attention']
 
 # %% ../nbs/50_results.ipynb #bb9ec519
@@ -22,14 +23,25 @@ PAPER_TABLE1 = pd.DataFrame([
     columns=['dataset', 'size', 'caption quality', 'IN-1K Linear', 'IN-1K F.T.', 'BBox', 'Mask', 'mIoU', 'mAcc', 'RMSE']
 ).set_index('dataset')
 
-TABLE1_METRICS = {  # (stage of experiments/table1.yaml, key of its results.json) -> Table 1 column
-    ('linear', 'top1'): 'IN-1K Linear', ('finetune', 'top1'): 'IN-1K F.T.',
-    ('detection', 'bbox_mAP'): 'BBox', ('detection', 'segm_mAP'): 'Mask',
-    ('segmentation', 'mIoU'): 'mIoU', ('segmentation', 'mAcc'): 'mAcc', ('depth', 'rmse'): 'RMSE'}
-LOWER_IS_BETTER = {'RMSE'}
+TABLE1_COLUMNS = pd.DataFrame([  # where each column of our Table 1 comes from: a stage of the experiment and a key of its
+    # results.json (every job reports accuracies, mAP and mIoU in %, depth errors in metres), the task it measures, how
+    ('linear', 'top1', 'IN-1K Linear', 'IN-1K Linear', 'classification', 'linear probe (trained head)'),
+    ('finetune', 'top1', 'IN-1K F.T.', 'IN-1K F.T.', 'classification', 'fine-tune'),
+    ('probes', 'linear_object', 'Linear probe', 'IN-1K Linear', 'classification', 'frozen probe'),
+    ('probes', 'zeroshot_object', 'Zero-shot', '', 'classification', 'frozen, text tower'),
+    ('probes', 'retrieval_r1', 'Retrieval R@1', '', 'retrieval', 'frozen, text tower'),
+    ('detection', 'bbox_mAP', 'BBox', 'BBox', 'detection', 'fine-tune'),
+    ('detection', 'segm_mAP', 'Mask', 'Mask', 'detection', 'fine-tune'),
+    ('segmentation', 'mIoU', 'mIoU', 'mIoU', 'segmentation', 'fine-tune'),
+    ('segmentation', 'mAcc', 'mAcc', 'mAcc', 'segmentation', 'fine-tune'),
+    ('probes', 'seg_mIoU', 'Seg. probe mIoU', 'mIoU', 'segmentation', 'frozen probe'),
+    ('depth', 'rmse', 'RMSE', 'RMSE', 'depth', 'fine-tune'),
+    ('probes', 'depth_rmse', 'Depth probe RMSE', 'RMSE', 'depth', 'frozen probe'),
+], columns=['stage', 'key', 'column', 'paper', 'task', 'protocol'])  # `paper`: the paper's column it stands beside
+LOWER_IS_BETTER = {'RMSE', 'Depth probe RMSE'}
 DATASET_ROWS = {'synth-align': 'ALIGN', 'align': 'ALIGN', 'synth-datacomp': 'DataComp', 'datacomp': 'DataComp',
                 'synth-datacompdr': 'DataCompDR', 'datacompdr': 'DataCompDR', 'wit': 'OpenAI-WIT'}
-FRACTIONS = {'top1', 'top5', 'bbox_mAP', 'segm_mAP'}  # reported as fractions by the jobs, as % by the paper
+PAPER_ORDER = ('ALIGN', 'DataComp', 'DataCompDR')  # caption quality, worst to best: the order of every column of Table 1
 RANDOM_ROW = 'random init'  # an encoder from a 0-step pretraining run: the floor the paper's rows are measured against
 
 def row_name(dataset, steps=None)->str:
@@ -78,88 +90,192 @@ def collect_runs(root)->pd.DataFrame:
         rows.append(row)
     return pd.DataFrame(rows)
 
-# %% ../nbs/50_results.ipynb #2954f68e
+# %% ../nbs/50_results.ipynb #4abf118a
+def _rows_of(sel:pd.DataFrame)->list[str]:
+    steps = sel['pre_steps'] if 'pre_steps' in sel else [None] * len(sel)
+    return [row_name(d, n) for d, n in zip(sel['pre_dataset'], steps)]
+
+def table1_long(runs:pd.DataFrame, experiment:str|None=None, columns:pd.DataFrame|None=None)->pd.DataFrame:
+    "One value per (row, seed, column) of Table 1 from collected runs (downstream runs of one encoder averaged)."
+    cols = TABLE1_COLUMNS if columns is None else columns
+    out = pd.DataFrame(columns=['row', 'seed', 'column', 'task', 'protocol', 'value'])
+    if runs.empty or 'pre_dataset' not in runs: return out
+    df = runs if not experiment else runs[runs.experiment == experiment]
+    parts = []
+    for c in cols.itertuples():
+        if c.key not in df: continue
+        sel = df[(df.stage == c.stage) & df[c.key].notna()]
+        if sel.empty: continue
+        seeds = sel['pre_seed'].fillna(0).astype(int) if 'pre_seed' in sel else 0
+        parts.append(pd.DataFrame(dict(row=_rows_of(sel), seed=seeds, column=c.column, task=c.task, protocol=c.protocol,
+                                       value=sel[c.key].astype(float).values)))
+    if not parts: return out
+    return pd.concat(parts).groupby(['row', 'seed', 'column', 'task', 'protocol'], sort=False, as_index=False)['value'].mean()
+
+# %% ../nbs/50_results.ipynb #6a1c98c6
 def table1(runs:pd.DataFrame, experiment:str|None=None)->pd.DataFrame:
-    "Table 1 from collected runs: rows = pretraining datasets, columns = (metric, mean | std | n), in the paper's units."
-    cols = list(dict.fromkeys(TABLE1_METRICS.values()))
-    if runs.empty or 'pre_dataset' not in runs:
-        return pd.DataFrame(index=pd.Index([], name='dataset'), columns=pd.MultiIndex.from_product([cols, ['mean', 'std', 'n']]))
-    df = runs if experiment is None else runs[runs.experiment == experiment]
-    long = []
-    for (stage, key), col in TABLE1_METRICS.items():
-        if key not in df: continue
-        sel = df[(df.stage == stage) & df[key].notna()]
-        v = sel[key] * (100 if key in FRACTIONS and (sel[key] <= 1).all() else 1)
-        long += [dict(dataset=r, metric=col, value=x) for r, x in zip(_rows_of(sel), v)]
-    if not long: return table1(pd.DataFrame())
-    g = pd.DataFrame(long).groupby(['dataset', 'metric'])['value'].agg(['mean', 'std', 'count']).rename(columns={'count': 'n'})
-    t = g.unstack('metric').swaplevel(axis=1)
+    "Table 1 from collected runs: rows = pretraining datasets, columns = (column, mean | std | n), in the jobs' units."
+    long = table1_long(runs, experiment)
+    cols = list(dict.fromkeys(TABLE1_COLUMNS.column))
+    if long.empty: return pd.DataFrame(index=pd.Index([], name='dataset'), columns=pd.MultiIndex.from_product([cols, ['mean', 'std', 'n']]))
+    g = long.groupby(['row', 'column'])['value'].agg(['mean', 'std', 'count']).rename(columns={'count': 'n'})
+    t = g.unstack('column').swaplevel(axis=1)
     order = [c for c in cols if c in t.columns.get_level_values(0)]
     t = t[[(c, s) for c in order for s in ('mean', 'std', 'n')]]
     first = [r for r in [RANDOM_ROW, *PAPER_TABLE1.index] if r in t.index]
-    return t.reindex(first + [r for r in t.index if r not in first])
+    return t.reindex(first + [r for r in t.index if r not in first]).rename_axis('dataset')
 
+# %% ../nbs/50_results.ipynb #b7305b56
+def t_quantile(q:float, df:int)->float:
+    "Quantile `q` (> 0.5) of Student's t with `df` degrees of freedom (bisection on the CDF, Simpson's rule on the density)."
+    c = math.exp(math.lgamma((df + 1) / 2) - math.lgamma(df / 2)) / math.sqrt(df * math.pi)
+    def cdf(t):
+        x = np.linspace(0, t, 2001)
+        y = c * (1 + x ** 2 / df) ** (-(df + 1) / 2)
+        return 0.5 + (x[1] - x[0]) / 3 * (y[0] + y[-1] + 4 * y[1:-1:2].sum() + 2 * y[2:-1:2].sum())
+    lo, hi = 0., 1.
+    while cdf(hi) < q: hi *= 2
+    for _ in range(60): lo, hi = (lo, (lo + hi) / 2) if cdf((lo + hi) / 2) >= q else ((lo + hi) / 2, hi)
+    return (lo + hi) / 2
+
+def paired_ci(d, level:float=0.95)->tuple[float, float, float, int]:
+    "(mean, low, high, n) of the t-interval of the mean of paired differences `d` (NaN bounds for fewer than 2)."
+    d = np.asarray(d, float); n = len(d)
+    if n < 2: return (float(d.mean()) if n else np.nan), np.nan, np.nan, n
+    h = t_quantile(0.5 + level / 2, n - 1) * d.std(ddof=1) / math.sqrt(n)
+    return float(d.mean()), float(d.mean() - h), float(d.mean() + h), n
+
+# %% ../nbs/50_results.ipynb #6c094aef
+def _by_seed(long:pd.DataFrame, column:str)->pd.DataFrame:
+    "Values of one column: rows x seeds (higher is better: lower-is-better columns negated)."
+    w = long[long.column == column].pivot_table(index='row', columns='seed', values='value')
+    return -w if column in LOWER_IS_BETTER else w
+
+def precondition(long:pd.DataFrame, rows=PAPER_ORDER, level:float=0.95)->pd.DataFrame:
+    "Per column: pretrained (mean of `rows`) minus random init, paired by seed, with its interval; `measurable` if it clears 0."
+    out = []
+    for col in dict.fromkeys(long.column):
+        w = _by_seed(long, col); sign = -1 if col in LOWER_IS_BETTER else 1
+        r = [x for x in rows if x in w.index]
+        if RANDOM_ROW not in w.index or not r: continue
+        both = w.loc[[RANDOM_ROW, *r]].dropna(axis=1).columns  # seeds run for random init and every pretrained row
+        d = (w.loc[r, both].mean() - w.loc[RANDOM_ROW, both]).values
+        m, lo, hi, n = paired_ci(d, level)
+        each = [paired_ci((w.loc[x, both] - w.loc[RANDOM_ROW, both]).values, level)[1] for x in r]
+        out.append(dict(column=col, task=long[long.column == col].task.iloc[0], random_init=sign * w.loc[RANDOM_ROW].mean(),
+                        pretrained=sign * w.loc[r].mean(axis=1).mean(), gain=m, low=lo, high=hi, seeds=n,
+                        measurable=bool(lo > 0) if n >= 2 else np.nan, beat_random=f"{sum(e > 0 for e in each)}/{len(r)}"))
+    return pd.DataFrame(out)
+
+# %% ../nbs/50_results.ipynb #1fb9b864
+PAIRS = [('ALIGN', 'DataComp'), ('DataComp', 'DataCompDR'), ('ALIGN', 'DataCompDR')]  # (worse, better) by caption quality
+
+def _fmt(m, lo, hi, col)->str:
+    u = ' m' if col in LOWER_IS_BETTER else ''
+    return f"{m:+.3g}{u} [{lo:+.3g}, {hi:+.3g}]" if pd.notna(lo) else f"{m:+.3g}{u} [n < 2]"
+
+def verdicts(long:pd.DataFrame, pre:pd.DataFrame|None=None, level:float=0.95)->pd.DataFrame:
+    "Per column: each pair's paired difference with its interval, and the verdict on the paper's ordering."
+    pre = precondition(long, level=level) if pre is None else pre
+    ok = dict(zip(pre.column, pre.measurable)) if len(pre) else {}
+    out = []
+    for col in dict.fromkeys(long.column):
+        w = _by_seed(long, col)
+        if not all(x in w.index for x in PAPER_ORDER): continue
+        row = dict(column=col, task=long[long.column == col].task.iloc[0], measurable=ok.get(col, np.nan))
+        ci = {}
+        for a, b in PAIRS:
+            s = w.loc[[a, b]].dropna(axis=1).columns
+            ci[a, b] = paired_ci((w.loc[b, s] - w.loc[a, s]).values, level)
+            row[f'{b} - {a}'] = _fmt(*ci[a, b][:3], col)
+        adj = [ci[p] for p in PAIRS[:2]]
+        against = [f"{a} above {b}" for (a, b), (m, lo, hi, n) in ci.items() if pd.notna(hi) and hi < 0]
+        if ok.get(col) is False: v = 'not measurable at this scale (smoke test): pretraining does not beat random init'
+        elif against: v = 'contradicts the paper: ' + ', '.join(against)
+        elif all(pd.notna(lo) and lo > 0 for _, lo, _, _ in adj): v = "reproduces the paper's ordering"
+        else:
+            done = [f"{a} < {b}" for (a, b), (m, lo, hi, n) in ci.items() if pd.notna(lo) and lo > 0]
+            v = 'unresolved at this scale' + (f" ({', '.join(done)} resolved)" if done else '')
+        out.append({**row, 'verdict': v})
+    return pd.DataFrame(out)
+
+def task_verdicts(v:pd.DataFrame)->pd.DataFrame:
+    "One line per task: the verdicts of its measurable columns, summed up."
+    out = []
+    for task, g in v.groupby('task', sort=False):
+        m = g[g.measurable == True]  # noqa: E712 (NaN: untested, not False)
+        if m.empty: s = 'not measurable at this scale'
+        elif m.verdict.str.startswith('contradicts').any(): s = 'contradicts the paper'
+        elif m.verdict.str.startswith('reproduces').all(): s = "reproduces the paper's ordering"
+        else: s = 'unresolved at this scale'
+        out.append(dict(task=task, verdict=s, columns='; '.join(f"{c}: {x}" for c, x in zip(g.column, g.verdict))))
+    return pd.DataFrame(out)
+
+# %% ../nbs/50_results.ipynb #0d0e7ec8
 def side_by_side(ours:pd.DataFrame, paper:pd.DataFrame|None=None)->pd.DataFrame:
-    "Each metric as 'ours (mean ± std)' beside 'paper' (default: `PAPER_TABLE1`), rows = datasets in either table."
+    "Each column as 'ours (mean ± std, n)' beside the paper's value of its kind (default table: `PAPER_TABLE1`)."
     paper = PAPER_TABLE1 if paper is None else paper
+    kind = dict(zip(TABLE1_COLUMNS.column, TABLE1_COLUMNS.paper))
     out = pd.DataFrame(index=list(dict.fromkeys([*[r for r in paper.index if r in ours.index], *ours.index])))
     for col in dict.fromkeys(ours.columns.get_level_values(0)):
-        m, s = ours[(col, 'mean')], ours[(col, 'std')]
-        out[(col, 'ours')] = [f'{m[r]:.3g} ± {s[r]:.2g}' if r in m and pd.notna(s[r]) else (f'{m[r]:.3g}' if r in m and pd.notna(m[r]) else '') for r in out.index]
-        out[(col, 'paper')] = [paper.loc[r, col] if r in paper.index and col in paper else np.nan for r in out.index]
+        m, s, n = ours[(col, 'mean')], ours[(col, 'std')], ours[(col, 'n')]
+        cell = lambda r: '' if r not in m or pd.isna(m[r]) else f'{m[r]:.3g} ± {s[r]:.2g} ({n[r]:.0f})' if pd.notna(s[r]) else f'{m[r]:.3g} (1)'
+        out[(col, 'ours')] = [cell(r) for r in out.index]
+        pc = kind.get(col) or col
+        out[(col, f'paper {pc}' if pc != col else 'paper')] = [paper.loc[r, pc] if r in paper.index and pc in paper else np.nan for r in out.index]
     out.columns = pd.MultiIndex.from_tuples(out.columns) if len(out.columns) else out.columns
     return out
 
-def ordering(ours:pd.DataFrame, paper:pd.DataFrame|None=None, rows=('ALIGN', 'DataComp', 'DataCompDR'))->pd.DataFrame:
-    "Per metric: the paper's ranking of `rows` (default table: `PAPER_TABLE1`), ours, whether they agree, the smallest gap between neighbours against the seed spread, and how many rows beat random init."
-    paper = PAPER_TABLE1 if paper is None else paper
-    out = []
-    for col in dict.fromkeys(ours.columns.get_level_values(0)):
-        r = [x for x in rows if x in ours.index and pd.notna(ours.loc[x, (col, 'mean')])]
-        if len(r) < 2: continue
-        sign = -1 if col in LOWER_IS_BETTER else 1
-        rank = lambda vals: ' < '.join(sorted(r, key=lambda x: sign * vals[x]))  # worst to best
-        ours_m = {x: ours.loc[x, (col, 'mean')] for x in r}
-        paper_m = {x: paper.loc[x, col] for x in r if x in paper.index and pd.notna(paper.loc[x, col])}
-        srt = sorted(r, key=lambda x: sign * ours_m[x])
-        gap = min(abs(ours_m[a] - ours_m[b]) for a, b in zip(srt, srt[1:]))
-        spread = ours.loc[r, (col, 'std')].max()
-        rnd = ours.loc[RANDOM_ROW, (col, 'mean')] if RANDOM_ROW in ours.index else np.nan
-        out.append(dict(metric=col, paper=rank(paper_m) if len(paper_m) == len(r) else '', ours=rank(ours_m) if gap > 0 else 'tie',
-                        agrees=len(paper_m) == len(r) and rank(paper_m) == rank(ours_m) and gap > 0,  # a tie is no ordering
-                        best_is_datacompdr=srt[-1] == 'DataCompDR' and gap > 0, min_gap=gap, max_seed_std=spread,
-                        resolved=bool(pd.notna(spread) and gap > spread), random_init=rnd,
-                        beat_random=f"{sum(sign * (ours_m[x] - rnd) > 0 for x in r)}/{len(r)}" if pd.notna(rnd) else ''))
-    return pd.DataFrame(out)
-
 # %% ../nbs/50_results.ipynb #83f50be0
-def plot_table1(runs:pd.DataFrame, path=None):
-    "Bars of each Table 1 metric per pretraining dataset, seeds as dots (seaborn)."
+def _save(fig, path):
+    from qclip.core import atomic_path
+    with atomic_path(path) as tmp: fig.savefig(tmp, format='png', dpi=110, bbox_inches='tight')
+
+def plot_table1(long:pd.DataFrame, path=None):
+    "Bars of each Table 1 column per row (mean over seeds), each seed's run as a dot (seaborn)."
     import matplotlib; matplotlib.use('Agg') if path else None
-    import matplotlib.pyplot as plt, seaborn as sns
-    long = []
-    for (stage, key), col in TABLE1_METRICS.items():
-        if runs.empty or key not in runs: continue
-        sel = runs[(runs.stage == stage) & runs[key].notna()]
-        v = sel[key] * (100 if key in FRACTIONS and (sel[key] <= 1).all() else 1)
-        long += [dict(dataset=r, metric=col + (' (lower is better)' if col in LOWER_IS_BETTER else ''), value=x)
-                 for r, x in zip(_rows_of(sel), v)]
-    if not long: return None
-    df = pd.DataFrame(long)
-    order = [r for r in [RANDOM_ROW, *PAPER_TABLE1.index] if r in set(df.dataset)]
-    order += sorted(set(df.dataset) - set(order))
+    import seaborn as sns
+    if long.empty: return None
+    df = long.assign(column=[c + (' (lower is better)' if c in LOWER_IS_BETTER else '') for c in long.column])
+    order = [r for r in [RANDOM_ROW, *PAPER_TABLE1.index] if r in set(df.row)]
+    order += sorted(set(df.row) - set(order))
     sns.set_theme(style='whitegrid')
     rows = [r for r in order if r != RANDOM_ROW]  # caption quality light to dark; random init grey
     pal = {**dict(zip(rows, sns.color_palette('crest', len(rows)))), RANDOM_ROW: (0.7, 0.7, 0.7)}
-    g = sns.catplot(df, x='dataset', y='value', col='metric', kind='bar', order=order, col_wrap=min(4, df.metric.nunique()),
-                    sharey=False, height=2.8, aspect=1.0, errorbar=None, palette=pal, hue='dataset', legend=False)
-    g.map_dataframe(sns.stripplot, x='dataset', y='value', order=order, color='k', size=4)
+    g = sns.catplot(df, x='row', y='value', col='column', kind='bar', order=order, col_wrap=min(4, df.column.nunique()),
+                    sharey=False, height=2.8, aspect=1.0, errorbar=None, palette=pal, hue='row', legend=False)
+    g.map_dataframe(sns.stripplot, x='row', y='value', order=order, color='k', size=4)
     g.set_titles('{col_name}').set_axis_labels('', '')
     for ax in g.axes.flat: ax.tick_params(axis='x', rotation=20)
-    if path:
-        from qclip.core import atomic_path
-        with atomic_path(path) as tmp: g.figure.savefig(tmp, format='png', dpi=110, bbox_inches='tight')
+    if path: _save(g.figure, path)
     return g
+
+def plot_intervals(long:pd.DataFrame, path=None, level:float=0.95):
+    "Forest plot: each column's paired differences between caption qualities with their intervals (right of 0: the paper's way)."
+    import matplotlib; matplotlib.use('Agg') if path else None
+    import matplotlib.pyplot as plt, seaborn as sns
+    rows = []
+    for col in dict.fromkeys(long.column):
+        w = _by_seed(long, col)
+        if not all(x in w.index for x in PAPER_ORDER): continue
+        for a, b in PAIRS:
+            s = w.loc[[a, b]].dropna(axis=1).columns
+            m, lo, hi, n = paired_ci((w.loc[b, s] - w.loc[a, s]).values, level)
+            rows.append(dict(column=col, pair=f'{b} - {a}', mean=m, low=lo, high=hi))
+    if not rows: return None
+    df = pd.DataFrame(rows)
+    cols = list(dict.fromkeys(df.column))
+    sns.set_theme(style='whitegrid')
+    fig, axes = plt.subplots(1, len(cols), figsize=(2.6 * len(cols), 2.4), squeeze=False, sharey=True)
+    for ax, col in zip(axes[0], cols):
+        d = df[df.column == col].reset_index(drop=True)
+        ax.errorbar(d['mean'], d.index, xerr=[d['mean'] - d['low'], d['high'] - d['mean']], fmt='o', color='k', capsize=3)
+        ax.axvline(0, color='grey', ls='--'); ax.set_title(col + (' (-RMSE)' if col in LOWER_IS_BETTER else ''), fontsize=9)
+        ax.set_yticks(d.index, d.pair); ax.invert_yaxis()
+    fig.suptitle(f'paired differences between caption qualities, {int(100 * level)}% intervals (right of 0: as the paper)', fontsize=9)
+    fig.tight_layout()
+    if path: _save(fig, path)
+    return fig
 
 # %% ../nbs/50_results.ipynb #f1dd9e92
 def scaling(runs:pd.DataFrame, stage:str, metric:str)->pd.DataFrame:
