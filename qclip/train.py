@@ -17,7 +17,8 @@ from .core import (check_choice, check_positive, seed_everything, save_checkpoin
 from .loss import ClipLoss, DistillClipLoss, clamp_logit_scale_
 from .models import CLIP_MODELS, create_clip, get_tokenizer, save_weights
 from .data.shards import (DATASETS, ShardStream, make_loader, find_shards, find_sources, check_caption_source, train_transform,
-                               eval_transform, dataset_spec, shard_weights, subset_shards, pair_dr_shards)
+                               eval_transform, dataset_spec, shard_weights, subset_shards, pair_dr_shards,
+                               device_batches)
 from .data.augment import RangeAugment
 from .distributed import (init_distributed, launch, launch_request, all_reduce_mean, barrier, unwrap, fsdp_wrap,
                                full_state, load_full_state, clip_grad_norm_)
@@ -25,7 +26,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 # %% auto #0
 __all__ = ['PRETRAIN_DEFAULTS', 'PRECISIONS', 'check_params', 'param_groups', 'cosine_lr', 'autocast', 'clip_step', 'retrieval',
-           'plot_metrics', 'pretrain', 'parse_overrides', 'pretrain_cli']
+           'plot_metrics', 'BadTally', 'pretrain', 'parse_overrides', 'pretrain_cli']
 
 # %% ../nbs/06_train.ipynb #c15c65a6
 PRETRAIN_DEFAULTS = dict(
@@ -86,9 +87,6 @@ def check_params(**params)->dict:
     if not 0 < p['max_bad_frac'] <= 1: raise ValueError(f"max_bad_frac={p['max_bad_frac']!r} is not valid; expected a number in (0, 1]")
     check_choice('precision', p['precision'], PRECISIONS)
     check_choice('parallel', p['parallel'], ['ddp', 'fsdp'])
-    for k in ['ema', 'range_augment']:
-        if p['parallel'] == 'fsdp' and p[k]:
-            raise ValueError(f"{k}={p[k]!r} is not supported with parallel='fsdp' yet; use parallel='ddp' or {k}={PRETRAIN_DEFAULTS[k]!r}")
     check_choice('device', p['device'], ['auto', 'cpu', 'cuda'])
     for k in ['batch_size', 'log_every', 'eval_every', 'ckpt_every', 'synth_n', 'synth_size', 'val_images']:
         p[k] = check_positive(k, p[k])
@@ -119,7 +117,9 @@ def autocast(device:torch.device, precision:str):
     "bf16 autocast (Table 11) or a no-op for fp32."
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == 'bf16')
 
-def clip_step(model, images, texts, loss_fn, opt, precision='fp32', grad_clip=0.,
+def clip_step(model, images, texts, loss_fn,
+              opt,           # an optimizer, or a list of them (the model's, RangeAugment's)
+              precision='fp32', grad_clip=0.,
               teacher=None,  # (image_emb [B, Dt], text_emb [K, B, Dt]) for `DistillClipLoss`
               augment=None,  # images -> (images, aux loss), e.g. RangeAugment at this step
 )->torch.Tensor:
@@ -131,11 +131,13 @@ def clip_step(model, images, texts, loss_fn, opt, precision='fp32', grad_clip=0.
     with autocast(dev, precision):  # through forward(): a DDP wrapper all-reduces the gradients of what it computes
         out = model(images, texts.transpose(0, 1).reshape(K * B, L))  # normalised [B, D], [K*B, D], exp(logit_scale)
         img, txt, scale = (out['image_features'], out['text_features'], out['logit_scale']) if isinstance(out, dict) else out[:3]
-        loss = loss_fn(img.float(), txt.float().view(K, B, -1), scale, *(teacher or ()))
-    opt.zero_grad(set_to_none=True)
+        loss = loss_fn(img.float(), txt.float().view(K, B, -1), scale,
+                       **(dict(teacher_image=teacher[0], teacher_text=teacher[1]) if teacher else {}))
+    opts = opt if isinstance(opt, (list, tuple)) else [opt]
+    for o in opts: o.zero_grad(set_to_none=True)
     (loss + aux).backward()
     if grad_clip: clip_grad_norm_(model.parameters(), grad_clip)  # FSDP-aware: the norm of the full gradient
-    opt.step()
+    for o in opts: o.step()
     clamp_logit_scale_(unwrap(model))
     return loss.detach()
 
@@ -196,6 +198,56 @@ def plot_metrics(rows:list[dict], path)->Path|None:
     plt.close(fig)
     return Path(path)
 
+# %% ../nbs/06_train.ipynb #8691b2d3
+class BadTally:
+    "A run's failed reads and distinct bad shards/samples, by kind; `sync` merges every rank's (a collective)."
+    def __init__(self, reads:dict|None=None, ids:dict|None=None):
+        self.reads, self.ids = Counter(reads or {}), {k: set(v) for k, v in (ids or {}).items()}
+        self._reads, self._ids = Counter(), {}  # this rank's, since the last `sync`
+
+    def add(self, batch:dict):
+        "A batch's `bad` (failed reads since the previous batch) and `bad_ids` (bad shards/samples newly met)."
+        self._reads.update(batch.get('bad') or {})
+        for k, v in (batch.get('bad_ids') or {}).items(): self._ids.setdefault(k, set()).update(v)
+
+    def sync(self):
+        "Fold what every rank met since the last call into the tally (every rank calls it)."
+        new = [(self._reads, self._ids)]
+        if _dist_info()[1] > 1: new = [None] * _dist_info()[1]; dist.all_gather_object(new, (self._reads, self._ids))
+        for reads, ids in new:
+            self.reads.update(reads)
+            for k, v in ids.items(): self.ids.setdefault(k, set()).update(v)
+        self._reads, self._ids = Counter(), {}
+
+    def samples(self)->dict:
+        "Distinct bad shards/samples by kind."
+        return {k: len(v) for k, v in sorted(self.ids.items()) if v}
+
+    def row(self)->dict:
+        "Metrics columns: distinct bad samples (`bad_samples*`) and failed reads (`bad_reads*`), in total and by kind."
+        s = self.samples()
+        return dict(bad_samples=sum(s.values()), bad_reads=sum(self.reads.values()),
+                    **{f'bad_samples_{k}': v for k, v in s.items()},
+                    **{f'bad_reads_{k}': v for k, v in sorted(self.reads.items())})
+
+    def state(self)->dict:
+        "What a checkpoint keeps."
+        return dict(bad=dict(self.reads), bad_ids={k: sorted(v) for k, v in self.ids.items()})
+
+    def describe(self)->str:
+        "One line for the log: both counts, by kind."
+        s = self.samples()
+        return (f"skipped {sum(s.values())} bad samples/shards (distinct, by kind): {s}; {sum(self.reads.values())} "
+                f"failed reads (a resampled shard is read again): {dict(sorted(self.reads.items()))}")
+
+def _split_ra_state(osd:dict)->tuple[dict, dict]:
+    "Optimizer state saved when RangeAugment's ranges were the last group of the model's AdamW -> (model's, ranges')."
+    *groups, last = osd['param_groups']
+    own = set(last['params'])
+    return (dict(state={i: v for i, v in osd['state'].items() if i not in own}, param_groups=groups),
+            dict(state={j: osd['state'][i] for j, i in enumerate(last['params']) if i in osd['state']},
+                 param_groups=[{**last, 'params': list(range(len(last['params'])))}]))
+
 # %% ../nbs/06_train.ipynb #cd95e94b
 def pretrain(**params)->dict:
     "CLIP pretraining of `params` (see `PRETRAIN_DEFAULTS`); writes everything into `out_dir`, returns the summary."
@@ -209,15 +261,6 @@ def pretrain(**params)->dict:
         try: return _pretrain(p)
         finally:
             if created and dist.is_initialized(): dist.destroy_process_group()
-
-def _sum_over_ranks(c:Counter)->Counter:
-    "Bad-sample counts summed over ranks (every rank calls it)."
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1: return c
-    from qclip.data.shards import BAD_KINDS
-    t = torch.tensor([float(c.get(k, 0)) for k in BAD_KINDS])
-    if dist.get_backend() == 'nccl': t = t.cuda()
-    dist.all_reduce(t)
-    return Counter({k: int(v) for k, v in zip(BAD_KINDS, t.tolist()) if v})
 
 def _pretrain(p:dict)->dict:
     rank, world = _dist_info()
@@ -236,23 +279,28 @@ def _pretrain(p:dict)->dict:
     model = create_clip(p['model'], grad_checkpointing=p['grad_checkpointing']).to(dev)
     # DDP broadcasts rank 0's weights now and averages gradients in backward; `model` stays the plain module.
     # FSDP shards `model` in place, after rank 0's initial weights are broadcast as DDP would
-    fsdp = p['parallel'] == 'fsdp' and world > 1
+    fsdp, ema = p['parallel'] == 'fsdp' and world > 1, None
     if fsdp:
         for t in model.state_dict().values(): dist.broadcast(t, 0)
+        ema = ModelEmaV3(model, decay=p['ema']) if p['ema'] else None  # the broadcast weights, sharded like them
         net = fsdp_wrap(model)
+        if ema is not None: fsdp_wrap(ema.module)  # each rank averages its own shards (timm's update works on them)
     else: net = DDP(model, device_ids=[dev.index] if dev.type == 'cuda' else None) if world > 1 else model
     if p['torch_compile']: net = torch.compile(net)  # the step's forward; evaluation and checkpoints use `model` itself
     tok, size = get_tokenizer(p['model']), model.visual.image_size
     size = size[0] if isinstance(size, (tuple, list)) else size
     opt = torch.optim.AdamW(param_groups(model, p['weight_decay']), lr=p['lr'], betas=(p['beta1'], p['beta2']),
                             eps=p['eps'], fused=True)
-    ema = ModelEmaV3(model, decay=p['ema']) if p['ema'] else None
+    if ema is None and p['ema']: ema = ModelEmaV3(model, decay=p['ema'])
     loss_kw = dict(local_loss=p['local_loss'], gather_with_grad=p['gather_with_grad'])
     loss_fn = DistillClipLoss(p['w0'], p['w1'], **loss_kw) if (p['w1'] or p['w0'] != 1) else ClipLoss(**loss_kw)
     ra = RangeAugment().to(dev) if p['range_augment'] else None
-    if ra is not None: opt.add_param_group({'params': list(ra.parameters()), 'weight_decay': 0.})
+    # its own AdamW, the update one more group of `opt` would make: FSDP's optimizer state covers the model's parameters
+    ra_opt = (torch.optim.AdamW(ra.parameters(), lr=p['lr'], betas=(p['beta1'], p['beta2']), eps=p['eps'],
+                                weight_decay=0., fused=True) if ra is not None else None)
+    opts = [opt] + ([ra_opt] if ra_opt is not None else [])
     ra_net = DDP(ra) if ra is not None and world > 1 else ra  # its ranges are learned too: keep them equal on every rank
-    bad = Counter()  # skipped samples by kind (`qclip.data.shards.BAD_KINDS`), this rank
+    tally = BadTally()  # failed reads and distinct bad samples, by kind, over all ranks
     log, ck_path, start = MetricsLog(out/'metrics.jsonl'), out/'checkpoint.pt', 0
     if p['resume'] and ck_path.exists():
         ck = load_checkpoint(ck_path, map_location=dev)
@@ -262,20 +310,24 @@ def _pretrain(p:dict)->dict:
             changed['global batch_size'] = (ck['params']['batch_size'] * saved_world, p['batch_size'] * world)
         if changed: raise ValueError(f"out_dir={str(out)!r} holds a checkpoint of a different run {changed} (saved, now); "
                                      "use another out_dir or resume=False")
-        load_full_state(model, opt, ck['model'], ck['optimizer'])  # plain or FSDP-sharded, whoever saved it
-        if ema is not None and ck.get('ema'): ema.module.load_state_dict(ck['ema'])
+        osd, ra_osd = ck['optimizer'], ck.get('range_augment_opt')
+        if ra is not None and 'range_augment_opt' not in ck: osd, ra_osd = _split_ra_state(osd)  # an older checkpoint
+        load_full_state(model, opt, ck['model'], osd)  # plain or FSDP-sharded, whoever saved it
+        if ema is not None and ck.get('ema'): load_full_state(ema.module, None, ck['ema'])
         if ra is not None and ck.get('range_augment'): ra.load_state_dict(ck['range_augment'])
-        bad.update(ck.get('bad') or {})
+        if ra_opt is not None and ra_osd: ra_opt.load_state_dict(ra_osd)
+        tally = BadTally(ck.get('bad'), ck.get('bad_ids'))
         start = ck['step']
         if rank == 0: log.truncate(start); print(f"resuming from {ck_path} at step {start}" + (f" (saved by {saved_world} processes, now {world})" if saved_world != world else ''))
     elif rank == 0 and log.path.exists(): log.path.unlink()
     if rank == 0: atomic_write_text(out/'params.yaml', yaml.safe_dump(p, sort_keys=False))
     eval_stream = lambda: ShardStream(val_shards, spec, 'syn' if spec.syn_key and not p['dr_root'] else 'gt', tok, eval_transform(size),
-                                      min(256, p['batch_size']), seed=p['seed'], train=False)
-    evaluate = lambda: retrieval(ema.module if ema else model, ((x, t) for x, t in make_loader(eval_stream())), dev, p['precision'])
+                                      min(256, p['batch_size']), seed=p['seed'], train=False, normalize=False)
+    evaluate = lambda: retrieval(ema.module if ema else model, device_batches(make_loader(eval_stream()), dev), dev,
+                                 p['precision'])
     step, t_log, n_log = start, time.perf_counter(), 0
     if p['steps'] == 0 and rank == 0 and not log.path.exists():  # the untrained model: the floor (R@1 at chance)
-        log.append(step=0, samples_seen=0, bad_total=0, **(evaluate() if val_shards else {}))
+        log.append(step=0, samples_seen=0, bad_samples=0, bad_reads=0, **(evaluate() if val_shards else {}))
     bar = tqdm(total=p['steps'], initial=start, desc='pretrain', disable=rank != 0, mininterval=2, file=sys.stdout)
     model.train()
     while step < p['steps']:
@@ -284,17 +336,18 @@ def _pretrain(p:dict)->dict:
         stream = ShardStream(train_shards, spec, p['caption_source'], tok, train_transform(size), p['batch_size'],
                              seed=p['seed'], chunk=chunk, rank=rank, world_size=world, weights=weights, limits=limits,
                              teacher=p['w1'] > 0, paug=p['paug_replay'], extras=True, max_bad_frac=p['max_bad_frac'],
-                             dr_shards=dr_shards)
-        for b in make_loader(stream, n, p['workers']):
+                             dr_shards=dr_shards, normalize=False)
+        # uint8 batches, page-locked on CUDA, copied one batch ahead and normalised on the device: no copy waits
+        for b in device_batches(make_loader(stream, n, p['workers'], pin_memory=dev.type == 'cuda'), dev):
             images, texts = b['images'], b['texts']
-            bad.update(b['bad'])
-            teacher = (b['image_emb'].to(dev), b['text_emb'].to(dev).transpose(0, 1)) if p['w1'] > 0 else None
+            tally.add(b)
+            teacher = (b['image_emb'], b['text_emb'].transpose(0, 1)) if p['w1'] > 0 else None
             lr = cosine_lr(step, p['lr'], p['warmup'], p['steps'], p['min_lr'])
-            for g in opt.param_groups: g['lr'] = lr
+            for g in (g for o in opts for g in o.param_groups): g['lr'] = lr
             _fault(rank, step)
-            loss = clip_step(net, images.to(dev, non_blocking=True), texts.to(dev, non_blocking=True), loss_fn, opt,
-                             p['precision'], p['grad_clip'], teacher=teacher,
-                             augment=(lambda x, s=step: ra_net(x, s, p['steps'])) if ra is not None else None)
+            loss = clip_step(net, images, texts, loss_fn, opts, p['precision'], p['grad_clip'], teacher=teacher,
+                             augment=None if ra is None else  # RangeAugment's draws: a function of (seed, rank, step)
+                                 (lambda x, s=step: ra_net(x, s, p['steps'], seed=p['seed'] * 100_003 + rank)))
             if ema is not None: ema.update(model, step=step)
             step, n_log = step + 1, n_log + len(images) * world
             bar.update(1)
@@ -302,32 +355,35 @@ def _pretrain(p:dict)->dict:
             do_eval = bool(val_shards) and (step % p['eval_every'] == 0 or last)
             if step % p['log_every'] == 0 or last or do_eval:
                 loss = all_reduce_mean(loss)  # every rank's local-loss share, averaged: the global-batch loss
+                tally.sync()  # every rank's failed reads and bad samples so far
                 dt = time.perf_counter() - t_log
                 ev = evaluate() if do_eval and (rank == 0 or fsdp) else {}  # under FSDP every rank takes part
             if rank == 0 and (step % p['log_every'] == 0 or last or do_eval):
                 row = dict(step=step, loss=loss, lr=lr, logit_scale=model.logit_scale.exp().item(),
-                           samples_per_s=n_log / dt, samples_seen=step * p['batch_size'] * world,
-                           bad_total=sum(bad.values()), **{f'bad_{k}': v for k, v in sorted(bad.items())})
+                           samples_per_s=n_log / dt, samples_seen=step * p['batch_size'] * world, **tally.row())
                 row.update(ev)
                 log.append(**row); bar.set_postfix(loss=f"{row['loss']:.3f}", **({'R@1': f"{row['val_i2t_r1']:.2f}"} if 'val_i2t_r1' in row else {}))
                 t_log, n_log = time.perf_counter(), 0
         msd, osd = full_state(model, opt)  # a collective under FSDP: the full state with plain keys, on rank 0
+        esd = full_state(ema.module)[0] if ema is not None else None
+        tally.sync()
         if rank == 0:  # one replica's state: resumable at any world size, with DDP or FSDP
-            save_checkpoint(dict(step=step, model=msd, optimizer=osd,
-                                 ema=ema.module.state_dict() if ema else None, params=p, world_size=world,
-                                 range_augment=ra.state_dict() if ra is not None else None, bad=dict(bad)), ck_path)
+            save_checkpoint(dict(step=step, model=msd, optimizer=osd, ema=esd, params=p, world_size=world,
+                                 range_augment=ra.state_dict() if ra is not None else None,
+                                 range_augment_opt=ra_opt.state_dict() if ra_opt is not None else None,
+                                 **tally.state()), ck_path)
         barrier()  # no rank runs ahead of the checkpoint (nor waits for rank 0's evaluation inside a collective)
     bar.close()
     rows = log.read() if rank == 0 else []
-    bad = _sum_over_ranks(bad)
-    if rank == 0 and bad: print(f"skipped {sum(bad.values())} bad samples/shards (by kind): {dict(sorted(bad.items()))}", flush=True)
+    tally.sync()
+    if rank == 0 and tally.reads: print(tally.describe(), flush=True)
     summary = dict(steps=step, samples_seen=step * p['batch_size'] * world, world_size=world, out_dir=str(out),
-                   bad_samples=dict(sorted(bad.items())),
+                   bad_samples=tally.samples(), bad_reads=dict(sorted(tally.reads.items())),
                    **{k: v for r in rows for k, v in r.items() if k.startswith('val_') or k in ('loss', 'step')})
-    final = full_state(model)[0] if fsdp else None  # a collective
+    final = full_state(ema.module if ema is not None else model)[0] if fsdp else None  # a collective
     if rank == 0:
         if fsdp: plain = create_clip(p['model']); plain.load_state_dict(final)
-        save_weights(ema.module if ema else plain if fsdp else model, out/'model.safetensors')
+        save_weights(plain if fsdp else ema.module if ema else model, out/'model.safetensors')
         plot_metrics(rows, out/'metrics.png')
         atomic_write_text(out/'results.json', json.dumps(summary, indent=1))
     barrier()  # outputs are written before any rank returns

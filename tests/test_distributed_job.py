@@ -1,7 +1,7 @@
 """`qclip launch` of nbs/10_pretrain.ipynb on 2 gloo processes on this CPU: DDP is the global-batch step, the run
-matches a 1-process run of the same global batch, a failing rank fails the launch with its error, and a checkpoint
-written by 2 processes resumes on 1."""
-import json, os, subprocess, sys
+matches a 1-process run of the same global batch, a failing rank fails the launch with its error, a checkpoint
+written by 2 processes resumes on 1, and two `--nnodes 2` agents on one machine train one job that resumes on 1 node."""
+import json, os, socket, subprocess, sys
 from pathlib import Path
 import nbformat, pytest, torch
 from qclip.models import create_clip
@@ -127,3 +127,29 @@ def test_fsdp_launch_matches_ddp_and_resumes_on_one(two_proc, tmp_path):
     assert r1.returncode == 0, r1.stderr[-4000:]
     assert [r['step'] for r in _rows(tmp_path/'fsdp')] == list(range(1, 11))
     assert abs(_rows(tmp_path/'fsdp')[8]['loss'] - fsdp[7]['loss']) < 1.0  # it continued, not restarted (chance: 5.5)
+
+def _free_port():
+    with socket.socket() as s: s.bind(('localhost', 0)); return s.getsockname()[1]
+
+def test_two_node_launch_resumes_on_one_node(tmp_path):
+    "Two `qclip launch --nnodes 2` agents, one process each, meet at a c10d rendezvous on localhost: one job of 2 ranks."
+    port, out = _free_port(), tmp_path/'run'
+    def agent(node):
+        cmd = [str(BIN/'qclip'), 'launch', '--nnodes', '2', '--nproc-per-node', '1', '--rdzv-endpoint', f'localhost:{port}',
+               '--run-id', f'nodes{port}', str(NB), str(tmp_path/f'node{node}.ipynb'),
+               *_args({**TINY, 'batch_size': 8, 'out_dir': out})]
+        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, cwd=tmp_path)
+    agents = [agent(0), agent(1)]
+    logs = [a.communicate(timeout=900) for a in agents]
+    for a, (_, err) in zip(agents, logs): assert a.returncode == 0, err[-4000:]
+    res = json.loads((out/'results.json').read_text())
+    assert res['world_size'] == 2 and res['samples_seen'] == 8 * 16 and [r['step'] for r in _rows(out)] == list(range(1, 9))
+    texts = [_outputs(tmp_path/f'node{n}.ipynb')[1] for n in (0, 1)]
+    assert '2 node(s) x 1 processes' in texts[0] and '2 node(s) x 1 processes' in texts[1]
+    assert {'[rank0]:' in t for t in texts} == {True, False} and {'[rank1]:' in t for t in texts} == {True, False}
+    # the same checkpoint at another node count: one node, one process of batch 16 (the same global batch)
+    r = _launch(tmp_path, out, nproc=1, steps=10)
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert 'at step 8 (saved by 2 processes, now 1)' in _outputs(tmp_path/'out.ipynb')[1]
+    assert [r['step'] for r in _rows(out)] == list(range(1, 11))
+    assert json.loads((out/'results.json').read_text())['world_size'] == 1

@@ -215,7 +215,7 @@ def test_pretrain_distills_on_datacompdr_both_variants(tmp_path, data):
                         w0=0.25, w1=0.75, paug_replay=True, range_augment=True)
     assert (p['w0'], p['w1'], p['paug_replay'], p['range_augment'], p['data_weights']) == (0.25, 0.75, True, True, '0.5::0.5')
     assert [r['step'] for r in rows] == [2, 4] and all(np.isfinite(r['loss']) for r in rows)
-    assert all(r['bad_total'] == 0 for r in rows) and res['bad_samples'] == {}
+    assert all(r['bad_samples'] == 0 for r in rows) and res['bad_samples'] == {}
 
 
 def test_pretrain_joins_datacompdr_at_read_time(tmp_path, data):
@@ -233,15 +233,16 @@ def test_pretrain_skips_and_counts_bad_samples(tmp_path, data):
     assert [r['step'] for r in rows] == [3, 6]
     bad = res['bad_samples']
     assert set(bad) == {'image', 'missing', 'malformed', 'truncated', 'shard'}, bad
-    assert rows[-1]['bad_total'] == sum(bad.values()) and all(rows[-1][f'bad_{k}'] == v for k, v in bad.items())
-    assert rows[0]['bad_total'] <= rows[-1]['bad_total']  # cumulative
+    assert rows[-1]['bad_samples'] == sum(bad.values()) and all(rows[-1][f'bad_samples_{k}'] == v for k, v in bad.items())
+    assert rows[0]['bad_samples'] <= rows[-1]['bad_samples']  # cumulative
+    assert all(res['bad_reads'][k] >= v for k, v in bad.items())  # distinct samples; each may be read more than once
 
 
 def test_pretrain_uses_the_caption_source_asked(tmp_path, data):
     "Half the alt-text samples lack `txt`: an S run (rewrites under laclip.json) never needs it, a G run counts them missing."
     root = str(data['root']/'alt_notxt')
     _, rows, res = _run(tmp_path/'s', dataset='cc12m', data_root=root, caption_source='syn', syn_key='laclip.json', subset_samples=15)
-    assert res['bad_samples'] == {} and rows[-1]['bad_total'] == 0
+    assert res['bad_samples'] == {} and rows[-1]['bad_samples'] == 0
     _, rows, res = _run(tmp_path/'g', dataset='cc12m', data_root=root, caption_source='gt', max_bad_frac=0.6)
     assert set(res['bad_samples']) == {'missing'} and res['bad_samples']['missing'] > 0
 

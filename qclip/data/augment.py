@@ -76,7 +76,9 @@ def normalize_batch(
         a = x.numpy().astype(np.float32)  # numpy's uint8 -> float32 is ~4x faster than torch's on one CPU thread
         a *= _SCALE; a += _SHIFT
         return torch.from_numpy(a)
-    if x.device not in _CONSTS: _CONSTS[x.device] = tuple(torch.from_numpy(c).to(x.device) for c in (_SCALE, _SHIFT))
+    if x.device not in _CONSTS:  # once per device; wait for the copy: other streams use the constants too
+        _CONSTS[x.device] = tuple(torch.from_numpy(c).to(x.device) for c in (_SCALE, _SHIFT))
+        if x.device.type == 'cuda': torch.cuda.synchronize(x.device)
     s, b = _CONSTS[x.device]
     return x.float().mul_(s).add_(b)  # two rounded float32 operations, as numpy's (no fused multiply-add)
 
@@ -136,7 +138,8 @@ class _Range(nn.Module):
     def low(self): return torch.sigmoid(self._low) * (self.low_lim[1] - self.low_lim[0]) + self.low_lim[0]
     @property
     def high(self): return torch.sigmoid(self._high) * (self.high_lim[1] - self.high_lim[0]) + self.high_lim[0]
-    def forward(self, n, device): return self.low + torch.rand(n, 1, 1, 1, device=device) * (self.high - self.low)
+    def forward(self, n, device, generator=None):
+        return self.low + torch.rand(n, 1, 1, 1, device=device, generator=generator) * (self.high - self.low)
 
 class RangeAugment(nn.Module):
     "Learned brightness / contrast / noise ranges (RangeAugment, Table 11) on a normalised batch; returns (images, loss)."
@@ -149,22 +152,28 @@ class RangeAugment(nn.Module):
         self.register_buffer('mean', MEAN.clone(), persistent=False)
         self.register_buffer('std', STD.clone(), persistent=False)
 
-    def augment(self, x01:torch.Tensor)->torch.Tensor:
+    def augment(self, x01:torch.Tensor, seed:int|None=None)->torch.Tensor:
         "Apply the three ops, each to a random half of the batch, in random order; x in [0, 1]."
-        B = len(x01)
+        B, dev = len(x01), x01.device
+        g = c = None  # with a seed: generators of their own (on the device, and on the CPU for the order of the ops)
+        if seed is not None: g, c = torch.Generator(dev).manual_seed(seed), torch.Generator().manual_seed(seed)
         ops = {'brightness': lambda x, m: x * m,
                'contrast': lambda x, m: (1 - m) * x.mean((-1, -2), keepdim=True) + m * x,
-               'noise': lambda x, m: x + m * torch.randn_like(x)}
-        for name in [list(ops)[i] for i in torch.randperm(3).tolist()]:
-            idx = torch.randperm(B, device=x01.device)[:max(1, B // 2)]
-            m = getattr(self, name)(len(idx), x01.device)
+               'noise': lambda x, m: x + m * torch.randn(x.shape, device=dev, dtype=x.dtype, generator=g)}
+        for name in [list(ops)[i] for i in torch.randperm(3, generator=c).tolist()]:
+            idx = torch.randperm(B, device=dev, generator=g)[:max(1, B // 2)]
+            m = getattr(self, name)(len(idx), dev, g)
             x01 = x01.index_copy(0, idx, ops[name](x01.index_select(0, idx), m))
         return x01.clamp(0, 1)
 
-    def forward(self, x:torch.Tensor, step:int, steps:int)->tuple[torch.Tensor, torch.Tensor]:
+    def forward(self,
+        x:torch.Tensor,        # normalised images [B, 3, H, W]
+        step:int, steps:int,   # where training is (the PSNR target follows it)
+        seed:int|None=None,    # draw from generators seeded by (seed, step): a resumed run augments as an unbroken one
+    )->tuple[torch.Tensor, torch.Tensor]:
         "Augmented normalised images and the PSNR-target loss at `step` of `steps`."
         x01 = x * self.std + self.mean
-        aug = self.augment(x01)
+        aug = self.augment(x01, None if seed is None else seed * 1_000_003 + step)
         mse = (((aug - x01) * 255) ** 2).mean((1, 2, 3))  # [B]
         target = torch.full_like(mse, target_mse(step, steps, *self.psnr))
         loss = F.smooth_l1_loss(mse, target) * self.alpha / 255 ** 2

@@ -225,9 +225,8 @@ def tar_members(f):
     pax, longname, first = {}, None, True
     while True:
         h = f.read(512)
-        if not h:
-            if first: raise tarfile.ReadError('empty file')
-            return
+        if not h:  # a tar ends with zero blocks; without them it was cut, maybe right after a member's last block
+            raise tarfile.ReadError('empty file' if first else 'unexpected end of data (no end-of-archive blocks)')
         if len(h) < 512: raise tarfile.ReadError('unexpected end of data')
         if h == _ZERO: return
         chk = _num(h[148:156])
