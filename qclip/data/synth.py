@@ -344,19 +344,34 @@ def write_synth_shards(
     shard_size:int=1024, # samples per shard
     split:str='train',   # 'train' or 'val' (disjoint scenes)
     progress:bool=False, # show a tqdm bar
+    processes:int=1,     # shards written side by side by this many processes; 0 = every core this process may use
 )->list[Path]:           # the shard paths, in order
-    "Write `n` samples of dataset `name` to webdataset tar shards `{split}-{i:06d}.tar`."
+    "Write `n` samples of dataset `name` to webdataset tar shards `{split}-{i:06d}.tar`, shards in parallel."
     check_choice('name', name, SYNTH_DATASETS); check_choice('split', split, SPLITS)
     n, shard_size, size = check_positive('n', n), check_positive('shard_size', shard_size), check_positive('size', size)
-    seed = check_positive('seed', seed, allow_zero=True)
-    out = Path(out_dir); out.mkdir(parents=True, exist_ok=True); paths = []
-    bar = tqdm(total=n, desc=f'{name} {split}', disable=not progress, mininterval=1, leave=False)
-    for i, s0 in enumerate(range(0, n, shard_size)):
-        paths.append(out / f'{split}-{i:06d}.tar')
-        with wds.TarWriter(str(paths[-1]), mtime=0) as w:
-            for idx in range(s0, min(n, s0 + shard_size)): w.write(synth_sample(name, idx, split, seed, size)); bar.update()
+    seed, processes = check_positive('seed', seed, allow_zero=True), check_positive('processes', processes, allow_zero=True)
+    out = Path(out_dir); out.mkdir(parents=True, exist_ok=True)
+    jobs = [(name, out/f'{split}-{i:06d}.tar', s0, min(n, s0 + shard_size), split, seed, size)
+            for i, s0 in enumerate(range(0, n, shard_size))]
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1)
+    procs = min(processes or cores, len(jobs))
+    bar = tqdm(total=n, desc=f'{name} {split}' + (f' ({procs} processes)' if procs > 1 else ''), disable=not progress,
+               mininterval=1, leave=False)
+    if procs <= 1:
+        for j in jobs: bar.update(_write_shard(*j))
+    else:  # spawned workers import this module afresh (a forked copy of a process that runs torch can hang)
+        import multiprocessing as mp, qclip.data.synth as this
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+        with ProcessPoolExecutor(procs, mp_context=mp.get_context('spawn')) as ex:
+            for f in as_completed([ex.submit(this._write_shard, *j) for j in jobs]): bar.update(f.result())
     bar.close()
-    return paths
+    return [j[1] for j in jobs]
+
+def _write_shard(name:str, path:Path, lo:int, hi:int, split:str, seed:int, size:int)->int:
+    "Samples `lo` .. `hi - 1` of dataset `name` as one tar shard: the unit of parallel generation. Returns their number."
+    with wds.TarWriter(str(path), mtime=0) as w:
+        for idx in range(lo, hi): w.write(synth_sample(name, idx, split, seed, size))
+    return hi - lo
 
 # %% ../../nbs/01_data.synth.ipynb #2c21d5eb
 DEFAULT_N = {'train': 8192, 'val': 512}
@@ -385,6 +400,7 @@ def synth_shards(
     n:int|None=None,   # samples; default DEFAULT_N[split]
     size:int=64,       # image side in pixels
     seed:int=0,        # base seed
+    processes:int=0,   # generating processes; 0 = every core this process may use
 )->list[str]:          # sorted shard paths
     "Shards of a synthetic dataset, generated into qclip's cache on first use."
     check_choice('name', name, SYNTH_DATASETS); check_choice('split', split, SPLITS)
@@ -396,7 +412,7 @@ def synth_shards(
         tmp = Path(tempfile.mkdtemp(dir=root, prefix=f'.{split}.tmp-')); tmp.chmod(0o755)  # mkdtemp's 0700 would hide a shared cache
         try:
             print(f'qclip: generating {name} {split}: {n} scenes at {size} px into {final}'); t0 = time.time()
-            paths = write_synth_shards(name, tmp, n, seed=seed, size=size, split=split, progress=True)
+            paths = write_synth_shards(name, tmp, n, seed=seed, size=size, split=split, progress=True, processes=processes)
             (tmp / _MANIFEST).write_text(json.dumps(dict(name=name, split=split, n=n, size=size, seed=seed,
                 shards=[p.name for p in paths], seconds=round(time.time() - t0, 2))))
             _publish(tmp, final)
