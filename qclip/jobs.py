@@ -70,7 +70,7 @@ def _stamp(path, info:dict):
 RESOURCES = dict(nproc_per_node=1, nodes=1, gpus_per_node=0, cpus_per_task=None, mem_gb=None, time_min=60,
                  partition=None, max_requeues=3)
 _TOP = {'notebook', 'out_root', 'params', 'grid', 'resources', 'description', 'stages', 'profiles', 'paper', 'extends'}
-_STAGE = {'notebook', 'params', 'grid', 'resources', 'after', 'as', 'gather'}
+_STAGE = {'notebook', 'params', 'grid', 'resources', 'after', 'as', 'gather', 'select'}
 
 def _check_grid(grid, where:str):
     "A grid is a mapping of parameter -> value or list of values, or a list of such mappings."
@@ -170,6 +170,11 @@ def load_experiment(path, profile:str|None=None)->dict:
         if st.get('after') is not None and st['after'] not in by_stage:
             raise ValueError(f"{path}: stage {sname!r} runs after {st['after']!r}, which is not an earlier stage (stages: {', '.join(stages)})")
         ups = by_stage[st['after']] if st.get('after') else [None]
+        if st.get('select') is not None:  # only after the upstream runs whose grid values match, e.g. {seed: [0]}
+            _need(st['select'], dict, 'a mapping of grid parameter -> value or list of values', f"{path}: stages.{sname}.select")
+            if not st.get('after'): raise ValueError(f"{path}: stages.{sname}.select needs 'after' (it picks upstream runs)")
+            sel = {k: v if isinstance(v, list) else [v] for k, v in st['select'].items()}
+            ups = [u for u in ups if all(u['values'].get(k) in vs for k, vs in sel.items())]
         if st.get('gather'): ups = [ups]  # one run over all upstream runs: `as` gets the list of their folders
         by_stage[sname] = []
         for up in ups:
