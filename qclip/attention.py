@@ -4,14 +4,23 @@
 
 # %% ../nbs/09_attention.ipynb #4dac61d0
 from __future__ import annotations
-import torch, torch.nn as nn, torch.nn.functional as F
+import itertools, json
+from pathlib import Path
+import open_clip, pandas as pd, timm, torch, torch.nn as nn, torch.nn.functional as F, yaml
+import webdataset as wds
 from torch import Tensor
 from tqdm import tqdm
+from timm.models.vision_transformer import VisionTransformer as TimmViT
+from .core import atomic_path, atomic_write_text, check_choice, check_positive, run_lock, seed_everything
+from .models import CLIP_MODELS, IMAGE_ENCODERS, create_clip, create_image_encoder
+from .data.synth import DEFAULT_N, SYNTH_DATASETS, synth_shards
 from timm.layers import Attention as TimmAttention
 from open_clip.transformer import Attention as OpenClipAttention
 
 # %% auto #0
-__all__ = ['patch_distances', 'map_distance', 'vit_parts', 'attention_distance']
+__all__ = ['patch_distances', 'map_distance', 'vit_parts', 'attention_distance', 'is_run', 'default_checkpoints',
+           'resolve_checkpoints', 'load_model', 'input_cfg', 'distance_table', 'diversity', 'plot_distances',
+           'attention_job']
 
 # %% ../nbs/09_attention.ipynb #2f9aced1
 def patch_distances(
@@ -142,3 +151,160 @@ def attention_distance(
         for m, t in training.items(): m.training = t
     if n_img == 0: raise ValueError('images is empty')
     return state['sums'] / n_img
+
+# %% ../nbs/09_attention.ipynb #4e48ce2f
+def is_run(p)->bool:
+    "Is `p` a finished 10_pretrain output folder (params.yaml and model.safetensors)?"
+    return (Path(p)/'params.yaml').is_file() and (Path(p)/'model.safetensors').is_file()
+
+def default_checkpoints()->list[str]:
+    "The 10_pretrain runs under runs/pretrain (working directory, then repository root), else random-init tiny encoders."
+    import qclip
+    for base in dict.fromkeys([Path.cwd(), Path(qclip.__file__).resolve().parents[1]]):
+        d = base/'runs'/'pretrain'
+        runs = [d] if is_run(d) else sorted(p for p in d.glob('*') if is_run(p))
+        if runs: return [str(p) for p in runs]
+    return ['tiny-vit', 'vit-tiny-mae']
+
+def _known_arch(name:str)->bool:
+    return name in CLIP_MODELS or name in IMAGE_ENCODERS or name in open_clip.list_models() or timm.is_model(name)
+
+def resolve_checkpoints(checkpoints)->list[dict]:
+    "`checkpoints` entries as [dict(label, path) | dict(label, arch)]; an error names the bad entry `checkpoints[i]`."
+    if isinstance(checkpoints, (str, dict)): checkpoints = [checkpoints]
+    if not isinstance(checkpoints, (list, tuple)) or not checkpoints:
+        raise ValueError(f"checkpoints={checkpoints!r} is not valid; expected a non-empty list of entries")
+    out = []
+    for i, e in enumerate(checkpoints):
+        where = f'checkpoints[{i}]={e!r}'
+        if isinstance(e, str): e = dict(path=e) if Path(e).exists() or not _known_arch(e) else dict(arch=e)
+        if not isinstance(e, dict) or len({'path', 'arch'} & set(e)) != 1 or set(e) - {'label', 'path', 'arch'}:
+            raise ValueError(f"{where} is not valid; expected a folder, a model name or dict(label=..., path=... | arch=...)")
+        if 'path' in e:
+            if not is_run(e['path']):
+                raise ValueError(f"{where} is not valid; not a model name, nor a finished 10_pretrain output folder "
+                                 "(with params.yaml and model.safetensors)")
+            out.append(dict(label=str(e.get('label', Path(e['path']).name)), path=str(Path(e['path']).resolve())))
+        elif not _known_arch(e['arch']): raise ValueError(f"{where} is not valid; unknown model name {e['arch']!r}")
+        else: out.append(dict(label=str(e.get('label', f"{e['arch']} (random init)")), arch=e['arch']))
+    if len({e['label'] for e in out}) < len(out):
+        raise ValueError(f"checkpoints={checkpoints!r} is not valid; labels must be unique: {[e['label'] for e in out]}")
+    return out
+
+# %% ../nbs/09_attention.ipynb #dbc968a3
+def load_model(e:dict, image_size:int|None=None, seed:int=0)->nn.Module:
+    "The model of one resolved entry (weights of a 10_pretrain run, else seeded random init), in eval mode."
+    kw = {} if image_size is None else dict(force_image_size=image_size)
+    seed_everything(seed)
+    if 'path' in e:
+        p = Path(e['path']); name = yaml.safe_load((p/'params.yaml').read_text())['model']
+        return create_clip(name, pretrained=p/'model.safetensors', **kw).eval()
+    a, ikw = e['arch'], {} if image_size is None else dict(img_size=image_size)
+    if a in CLIP_MODELS: return create_clip(a, **kw).eval()
+    if a in IMAGE_ENCODERS: return create_image_encoder(a, **ikw).eval()
+    if a in open_clip.list_models(): return open_clip.create_model(a, **kw).eval()
+    return timm.create_model(a, pretrained=False, **ikw).eval()
+
+def input_cfg(m:nn.Module)->dict:
+    "The model's input size, normalisation and interpolation (timm: `resolve_data_config`; open_clip: `preprocess_cfg`)."
+    enc = vit_parts(m)['encoder']
+    if isinstance(enc, TimmViT):
+        cfg = timm.data.resolve_data_config({}, model=enc)
+        return dict(size=tuple(enc.patch_embed.img_size), mean=cfg['mean'], std=cfg['std'], interpolation=cfg['interpolation'])
+    cfg = {**dict(mean=open_clip.OPENAI_DATASET_MEAN, std=open_clip.OPENAI_DATASET_STD, interpolation='bicubic'),
+           **(open_clip.get_model_preprocess_cfg(m) or {})}
+    return dict(size=tuple(enc.image_size), mean=cfg['mean'], std=cfg['std'], interpolation=cfg['interpolation'])
+
+def _images(dataset:str, n:int)->list:
+    "The first `n` val images of a built-in dataset (PIL)."
+    shards = synth_shards(dataset, split='val', n=None if n <= DEFAULT_N['val'] else n)
+    ims = wds.WebDataset(shards, shardshuffle=False).decode('pil').to_tuple('jpg')
+    return [im.convert('RGB') for (im,) in itertools.islice(ims, n)]
+
+# %% ../nbs/09_attention.ipynb #999c31f6
+def distance_table(models:dict, images:list, batch_size:int=32, renormalize:bool=True)->tuple[pd.DataFrame, dict]:
+    "Long table (model, layer from 1, head, distance in px) of each model's mean attention distances, and each one's uniform-attention distance."
+    rows, uniform = [], {}
+    for label, m in models.items():
+        vp, c = vit_parts(m), input_cfg(m)
+        uniform[label] = float(patch_distances(vp['grid'](c['size']), vp['patch_size']).mean())
+        tf = open_clip.image_transform(c['size'], is_train=False, mean=c['mean'], std=c['std'], interpolation=c['interpolation'],
+                                       resize_mode='shortest')
+        x = torch.stack([tf(im) for im in images])
+        d = attention_distance(m, x, batch_size=batch_size, renormalize=renormalize, progress=False)
+        rows += [dict(model=label, layer=l + 1, head=h, distance=float(d[l, h])) for l in range(d.shape[0]) for h in range(d.shape[1])]
+    return pd.DataFrame(rows, columns=['model', 'layer', 'head', 'distance']), uniform
+
+def diversity(df:pd.DataFrame, uniform:dict|None=None)->pd.DataFrame:
+    "Per model and layer: mean, std, min, max and spread (max - min) of the head distances (the paper's diversity)."
+    div = df.groupby(['model', 'layer'], sort=False)['distance'].agg(mean='mean', std=lambda s: s.std(ddof=0), min='min', max='max').reset_index()
+    div['spread'] = div['max'] - div['min']
+    if uniform: div['uniform'] = div['model'].map(uniform)
+    return div
+
+# %% ../nbs/09_attention.ipynb #4b67820e
+def plot_distances(df:pd.DataFrame, uniform:dict|None=None, path=None, title:str=''):
+    "Fig. 3: mean attention distance per layer, one dot per head, one panel per model (dashed: uniform attention)."
+    import matplotlib; matplotlib.use('Agg') if path else None
+    import seaborn as sns
+    if df.empty: return None
+    g = sns.catplot(data=df, x='layer', y='distance', col='model', hue='head', kind='strip', jitter=0.15, palette='viridis',
+                    legend=False, height=3.2, aspect=1.15, col_wrap=min(3, df.model.nunique()), sharex=False)
+    g.set_axis_labels('layer', 'mean attention distance (px)').set_titles('{col_name}')
+    top = max([df['distance'].max(), *(uniform or {}).values()])
+    for label, ax in g.axes_dict.items():
+        if uniform and label in uniform: ax.axhline(uniform[label], ls='--', lw=.8, c='grey', label='uniform attention')
+        ax.set_ylim(0, 1.08 * top)
+    if uniform: g.axes.flat[0].legend(loc='lower left', fontsize=7, frameon=False)
+    if title: g.figure.suptitle(title, y=1.03, fontsize=9)
+    if path:
+        with atomic_path(path) as tmp: g.figure.savefig(tmp, format='png', dpi=120, bbox_inches='tight')
+    return g
+
+# %% ../nbs/09_attention.ipynb #4d3f3cd5
+def attention_job(
+    checkpoints=None,            # entries: 10_pretrain folder, model name (random init), dict(label, path | arch); None: runs/pretrain
+    dataset:str='synth-datacompdr', # built-in dataset whose val images are analysed
+    num_images:int=64,           # images analysed (the paper: all 50k ImageNet-1K val images)
+    batch_size:int=32,
+    image_size:int|None=None,    # None: each model's own input size; else every model built for this size
+    renormalize:bool=True,       # rescale each query's weights on patches to sum to 1 after dropping CLS
+    seed:int=0,                  # seed of random-init models
+    out_dir='runs/attention',
+)->dict:                         # the summary written to results.json
+    "Fig. 3 for `checkpoints`: distances per layer and head, diversity per layer, the figure; all into `out_dir`."
+    auto = checkpoints is None
+    entries = resolve_checkpoints(default_checkpoints() if auto else checkpoints)
+    check_choice('dataset', dataset, SYNTH_DATASETS); check_choice('renormalize', renormalize, [True, False])
+    num_images, batch_size = check_positive('num_images', num_images), check_positive('batch_size', batch_size)
+    if image_size is not None: image_size = check_positive('image_size', image_size)
+    seed = check_positive('seed', seed, allow_zero=True)
+    with run_lock(out_dir) as out:
+        models = {}
+        for i, e in enumerate(entries):
+            m = load_model(e, image_size, seed)
+            try: vp = vit_parts(m)
+            except TypeError as err:
+                if auto: print(f"skipping {e['label']}: {err}"); continue
+                raise ValueError(f"checkpoints[{i}] ({e['label']}) is not valid: {err}") from None
+            models[e['label']] = m
+            print(f"{e['label']}: {type(vp['encoder']).__name__}, {len(vp['attns'])} layers x {vp['attns'][0].num_heads} heads, "
+                  f"patch {vp['patch_size']}, {vp['num_prefix']} prefix token(s)")
+        if not models: raise ValueError(f"checkpoints=None found no ViT run under runs/pretrain ({[e['label'] for e in entries]}); name the models to analyse")
+        params = dict(checkpoints=entries, dataset=dataset, split='val', num_images=num_images, batch_size=batch_size,
+                      image_size=image_size, renormalize=bool(renormalize), seed=seed, out_dir=str(out))
+        atomic_write_text(out/'params.yaml', yaml.safe_dump(params, sort_keys=False))
+        images = _images(dataset, num_images)
+        if len(images) < num_images: print(f'note: the val split holds only {len(images)} images (num_images={num_images})')
+        df, uniform = distance_table(models, images, batch_size, renormalize)
+        div = diversity(df, uniform)
+        with atomic_path(out/'attention_distance.csv') as tmp: df.to_csv(tmp, index=False)
+        with atomic_path(out/'attention_diversity.csv') as tmp: div.to_csv(tmp, index=False)
+        plot_distances(df, uniform, out/'attention_distance.png', f"{'renormalised' if renormalize else 'not renormalised'} after "
+                       f"dropping CLS; {len(images)} {dataset} val images")
+        last = div.groupby('model', sort=False)['layer'].transform('max') == div['layer']
+        summary = dict(models=list(models), num_images=len(images),
+                       mean_distance={m: float(v) for m, v in df.groupby('model', sort=False)['distance'].mean().items()},
+                       last_layer_std={m: float(v) for m, v in div[last].set_index('model')['std'].items()})
+        atomic_write_text(out/'results.json', json.dumps(summary, indent=1))
+    return summary

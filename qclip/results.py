@@ -316,14 +316,6 @@ def short_name(name)->str:
     return ' '.join(v if k in ('dataset', 'caption_source') else f'{k}={v}' for k, v in kv.items())
 
 def plot_attention(df:pd.DataFrame, path=None):
-    "Fig. 3: mean attention distance per layer, one dot per head, one panel per model."
-    import seaborn as sns
-    if df.empty: return None
-    df = df.assign(model=df.model.map(short_name))
-    g = sns.catplot(data=df, x='layer', y='distance', col='model', hue='head', kind='strip', palette='viridis', legend=False,
-                    height=3, aspect=1.1, col_wrap=min(3, df.model.nunique()))
-    g.set_axis_labels('layer', 'mean attention distance (px)').set_titles('{col_name}')
-    if path:
-        from qclip.core import atomic_path
-        with atomic_path(path) as tmp: g.figure.savefig(tmp, format='png', dpi=110, bbox_inches='tight')
-    return g
+    "Fig. 3 of collected `attention_distance.csv` rows (`qclip.attention.plot_distances`), panels titled by run."
+    from qclip.attention import plot_distances
+    return plot_distances(df.assign(model=df.model.map(short_name)), path=path) if len(df) else None
