@@ -9,6 +9,7 @@ machine). Each pipeline does what a training step needs from it:
 - `open_clip`: tar read, shuffle, decode (PIL, `pilrgb`), open_clip's train transform (RandomResizedCrop scale (0.9, 1) bicubic,
   ToTensor, Normalize), tokenize the caption, batch.
 - `qclip gt`: tar read, shuffle, fused decode + Table 11 crop + resize, tokenize, batch, normalise per batch.
+- `qclip gt uint8`: the same, the batch left uint8 as the training job takes it (normalised on the GPU there).
 - `qclip gt+syn`: the same plus `syn.json` parsing and a second (synthetic) caption per image (the paper's G+S).
 - `qclip ... bicubic`: with open_clip's interpolation, for a like-for-like comparison.
 
@@ -83,14 +84,14 @@ def run_open_clip(urls, n, batch_size, size, interpolation='bicubic'):
         return seen
     return go
 
-def run_qclip(urls, n, batch_size, size, caption_source, resample=Image.BILINEAR):
+def run_qclip(urls, n, batch_size, size, caption_source, resample=Image.BILINEAR, normalize=True):
     from open_clip import get_tokenizer
     from qclip.data.shards import DATASETS, ShardStream, make_loader
     from qclip.data.augment import CropTransform
     tok = get_tokenizer('ViT-B-16')
     def go():
         s = ShardStream(urls, DATASETS['datacompdr'], caption_source, tok, CropTransform(size, resample=resample), batch_size,
-                        extras=True)
+                        extras=True, normalize=normalize)
         seen = 0
         for b in make_loader(s, -(-n // batch_size)):
             seen += len(b['images'])
@@ -114,7 +115,8 @@ def main():
     pipes = {'pil decode only': run_pil(urls, a.images),
              'open_clip (get_wds_dataset)': run_open_clip(urls, a.images, a.batch_size, a.size),
              'qclip gt': run_qclip(urls, a.images, a.batch_size, a.size, 'gt'),
-             'qclip gt+syn': run_qclip(urls, a.images, a.batch_size, a.size, 'gt+syn')}
+             'qclip gt+syn': run_qclip(urls, a.images, a.batch_size, a.size, 'gt+syn'),
+             'qclip gt uint8': run_qclip(urls, a.images, a.batch_size, a.size, 'gt', normalize=False)}
     if not a.quick:
         pipes['qclip gt bicubic'] = run_qclip(urls, a.images, a.batch_size, a.size, 'gt', Image.BICUBIC)
     for f in pipes.values(): f()  # warm-up: imports, tokenizer caches, page cache

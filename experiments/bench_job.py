@@ -22,7 +22,10 @@ sample, forward + backward of image + K captions, counted with torch's FlopCount
         --workers 15 --side 320 --out job.json                         # the GPU figures (experiments/bench_job_h200.sh)
 
 On a CPU the step runs on `--threads` cores and the loader on `--workers` others (default 1 + 1 on a 2-core
-machine), so job/step measures what the pipeline between the loader and the step costs, as on a GPU.
+machine), so job/step measures what the pipeline between the loader and the step costs, as on a GPU. On a shared
+machine the separate-process ratio drifts with the load (the loader worker competes with other jobs for the cores
+the step had to itself); the CPU mode therefore also reports `job_over_own_steps`: the job's samples/s over those of
+its own steps timed inside it, over the same intervals, which no outside load moves.
 """
 import argparse, io, json, os, re, shutil, statistics, subprocess, sys, tempfile, time
 from multiprocessing import Pool
@@ -87,15 +90,22 @@ def work_step(a:dict)->dict:
     return dict(step_s=statistics.median(groups), step_s_groups=groups, warmup_s=warm)
 
 def work_job(a:dict)->dict:
-    "The real job, `qclip.train.pretrain`, on the shards: samples/s per logged interval."
-    from qclip.train import pretrain
-    out = Path(a['out_dir'])
+    "The real job, `qclip.train.pretrain`, on the shards: samples/s, and the share of the time in its steps, per interval."
+    import qclip.train as qt
+    out, marks, in_step, append, step_fn = Path(a['out_dir']), [], [0.], qt.MetricsLog.append, qt.clip_step
+    def timed_step(*args, **kw):  # wall time inside the job's steps (on a CPU the step's own time; on CUDA only its launch)
+        t = time.perf_counter(); r = step_fn(*args, **kw); in_step[0] += time.perf_counter() - t; return r
+    def timed_append(self, **row):  # at each log step: wall clock and time spent in steps so far
+        marks.append((time.perf_counter(), in_step[0])); return append(self, **row)
+    qt.clip_step, qt.MetricsLog.append = timed_step, timed_append
+    pretrain = qt.pretrain
     res = pretrain(dataset='datacompdr', data_root=a['data_root'], caption_source=a['captions'], model=a['model'],
                    batch_size=a['batch'], steps=a['steps'], warmup=max(1, a['steps'] // 4), log_every=a['log_every'],
                    eval_every=10**9, ckpt_every=a['steps'], workers=a['workers'], precision=a['precision'],
                    torch_compile=a['variant'] == 'compile', device=a['device'], out_dir=str(out), resume=False, seed=0)
     rows = [json.loads(l) for l in (out/'metrics.jsonl').read_text().splitlines()]
-    return dict(interval_sps=[r['samples_per_s'] for r in rows], steps=res['steps'])
+    share = [(s1 - s0) / (t1 - t0) for (t0, s0), (t1, s1) in zip(marks, marks[1:])]
+    return dict(interval_sps=[r['samples_per_s'] for r in rows], interval_step_share=share, steps=res['steps'])
 
 # ------------------------------------------------------------------------------------------------ runners
 def _sub(kind:str, params:dict, env:dict, timeout:float)->dict:
@@ -217,11 +227,15 @@ def main():
                      open_clip_data_wait_s=_median(oc['data_wait_s'], a.skip) if oc else None,
                      gflops_per_sample=fps[K] / 1e9)
             r['job_over_step'] = r['job_sps'] / r['step_sps']
+            # CPU only: the job's samples/s over that of its own steps, timed inside the job over the same intervals
+            # (skip - 1: these intervals start one log later); immune to what else loads a shared machine
+            r['job_over_own_steps'] = _median(job['interval_step_share'], max(0, a.skip - 1)) if not cuda else None
             r['job_over_open_clip'] = r['job_sps'] / r['open_clip_sps'] if oc else None
             r['job_mfu'] = r['job_sps'] * fps[K] / (peak * 1e12) if peak else None
             r['step_mfu'] = r['step_sps'] * fps[K] / (peak * 1e12) if peak else None
             rows.append(r)
             print(json.dumps({k: v for k, v in r.items() if not k.endswith('intervals') and k != 'step'}), flush=True)
+            r['job_interval_step_share'] = job['interval_step_share']
             if a.out:
                 tmp_out = Path(a.out).with_suffix('.tmp')
                 tmp_out.write_text(json.dumps(dict(device=dev_name, model=a.model, precision=a.precision, workers=a.workers,
@@ -229,14 +243,17 @@ def main():
                 os.replace(tmp_out, a.out)
     shutil.rmtree(tmp, ignore_errors=True)
     if not a.data: shutil.rmtree(data.parent, ignore_errors=True)
-    f = lambda v, spec: format(v, spec) if v is not None else '-'
+    f = lambda v, w, spec='.1f', scale=1, unit='': (format(v * scale, spec) + unit if v is not None else '-').rjust(w)
     print(f"\n{a.model} {a.precision} on {dev_name} (median samples/s; total {time.perf_counter() - t0:.0f} s)")
-    print(f"{'setup':<14}{'captions':<8}{'open_clip':>10}{'qclip job':>10}{'bare step':>10}{'job/step':>9}"
-          f"{'job/oc':>8}{'job MFU':>8}{'step MFU':>9}")
+    print(f"{'setup':<12}{'captions':<9}{'open_clip':>10}{'qclip job':>10}{'bare step':>10}{'job/step':>9}"
+          f"{'(own)':>7}{'job/oc':>8}{'job MFU':>8}{'step MFU':>9}")
     for r in rows:
-        print(f"{r['variant'] + ':' + str(r['batch']):<14}{r['captions']:<8}{f(r['open_clip_sps'], '10.1f')}"
-              f"{r['job_sps']:>10.1f}{r['step_sps']:>10.1f}{r['job_over_step']:>9.3f}{f(r['job_over_open_clip'], '8.3f')}"
-              f"{f(r['job_mfu'] and 100 * r['job_mfu'], '7.1f')}{'%' if r['job_mfu'] else ' '}"
-              f"{f(r['step_mfu'] and 100 * r['step_mfu'], '8.1f')}{'%' if r['step_mfu'] else ''}")
+        print(f"{r['variant'] + ':' + str(r['batch']):<12}{r['captions']:<9}{f(r['open_clip_sps'], 10)}"
+              f"{f(r['job_sps'], 10)}{f(r['step_sps'], 10)}{f(r['job_over_step'], 9, '.3f')}"
+              f"{f(r['job_over_own_steps'], 7, '.3f')}{f(r['job_over_open_clip'], 8, '.3f')}"
+              f"{f(r['job_mfu'], 8, '.1f', 100, '%')}{f(r['step_mfu'], 9, '.1f', 100, '%')}")
+    print("job/step: samples/s of the job over the bare step's (separate processes, one after the other); (own), CPU "
+          "only: over its own steps timed inside the job, the share of the job's time spent in steps (load on a shared "
+          f"machine cancels out). Load average at the end: {os.getloadavg()[0]:.1f} on {cores} cores")
 
 if __name__ == '__main__': main()

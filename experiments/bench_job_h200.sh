@@ -45,5 +45,5 @@ print('device_batches on cuda: 6 batches, images and texts bit-identical to the 
 EOF
 # 2. the job against its step and open_clip_train (--out is rewritten after every row: a cut run keeps what it measured)
 timeout 470 python3 experiments/bench_job.py --device cuda --model ViT-B-16 --precision bf16 --setups eager:256 compile:512 \
-    --captions gt gt+syn --workers 15 --side 320 --steps 40 --log-every 5 --skip 2 --timeout 300 \
+    --captions gt gt+syn --workers 15 --side 320 --steps 30 --reps 10 --log-every 5 --skip 2 --timeout 300 \
     --open-clip-site /tmp/oc_site --out "$OUT/job.json" 2>&1 | tee "$OUT/job.txt"
