@@ -18,8 +18,8 @@ from .data.synth import SYNTH_DATASETS, caption_mentions, mentions_object
 __all__ = ['POOLS', 'MEAN_MEASURES', 'HIGHER_IS_FAITHFUL', 'QUALITY_DEFAULTS', 'TRANSFER_METRICS', 'source_label',
            'load_captions', 'words', 'text_measures', 'faithfulness', 'load_scorer', 'clip_scores', 'caption_frame',
            'quality_summary', 'quality_table', 'plot_quality', 'check_quality_params', 'quality_sources',
-           'caption_quality', 'load_quality', 'run_source', 'quality_beside_transfer', 'plot_quality_vs_transfer',
-           'cli']
+           'caption_quality', 'load_quality', 'run_stage', 'run_source', 'quality_beside_transfer',
+           'plot_quality_vs_transfer', 'cli']
 
 # %% ../nbs/09b_quality.ipynb #d6f58e70
 _WORD = re.compile(r"[a-z0-9']+")
@@ -270,7 +270,7 @@ def caption_quality(**params)->dict:
     atomic_write_text(out/'results.json', json.dumps(dict(quality=res, scorer=used), indent=1))
     return res
 
-# %% ../nbs/09b_quality.ipynb #4fa8bdff
+# %% ../nbs/09b_quality.ipynb #6742b687
 TRANSFER_METRICS = {  # (stage of an experiments/*.yaml, key of its results.json) -> column
     ('pretrain', 'val_i2t_r1'): 'retrieval R@1', ('linear', 'top1'): 'IN-1K Linear', ('finetune', 'top1'): 'IN-1K F.T.',
     ('detection', 'bbox_mAP'): 'BBox', ('segmentation', 'mIoU'): 'mIoU', ('depth', 'rmse'): 'RMSE'}
@@ -282,13 +282,27 @@ def load_quality(root)->pd.DataFrame:
     df = pd.concat([pd.read_csv(f) for f in fs], ignore_index=True) if fs else pd.DataFrame(columns=cols)
     return df.drop_duplicates(['dataset', 'caption_source', 'measure'], keep='last').reset_index(drop=True)
 
+_NOTEBOOK_STAGE = {'10_pretrain': 'pretrain', '21_segmentation': 'segmentation', '22_detection': 'detection',
+                   '23_depth': 'depth'}
+
+def run_stage(row:pd.Series)->str:
+    "The kind of run a row is, as `TRANSFER_METRICS` names it: 'linear_coca' -> 'linear', '10_pretrain' -> 'pretrain'."
+    s = str(row.get('stage', ''))
+    if s == '20_classification': return str(row.get('param_mode', 'finetune'))
+    s, known = _NOTEBOOK_STAGE.get(s, s), {st for st, _ in TRANSFER_METRICS}
+    return s if s in known else s.split('_')[0] if s.split('_')[0] in known else s
+
 def run_source(row:pd.Series)->tuple[str, str]:
-    "(dataset label, caption source) a pretraining run trained on; reinforced side-cars get their folder's label."
-    label = row.get('pre_dataset')
-    for k in ('pre_dr_root', 'pre_data_root'):
-        v = row.get(k)
+    "(dataset label, caption source) a run's encoder was pretrained on; reinforced side-cars get their folder's label."
+    def get(k):  # the upstream pretraining's parameter, or the run's own for a pretraining run
+        v = row.get(f'pre_{k}')
+        return v if isinstance(v, str) and v else row.get(f'param_{k}') if run_stage(row) == 'pretrain' else v
+    label = get('dataset')
+    for k in ('dr_root', 'data_root'):
+        v = get(k)
         if isinstance(v, str) and v and _reinforced(v) is not None: label = source_label(v)
-    return label, row.get('pre_caption_source', 'gt')
+    cs = get('caption_source')
+    return label, cs if isinstance(cs, str) and cs else 'gt'
 
 def quality_beside_transfer(
     quality:pd.DataFrame,       # tidy measures (`load_quality` / `quality_summary`)
@@ -299,11 +313,12 @@ def quality_beside_transfer(
     metrics = TRANSFER_METRICS if metrics is None else metrics
     q = quality_table(quality) if len(quality) else pd.DataFrame()
     long = []
-    if len(runs) and 'pre_dataset' in runs:
+    if len(runs) and ('pre_dataset' in runs or 'param_dataset' in runs):
         for (stage, key), col in metrics.items():
             if key not in runs: continue
             trained = runs.get('pre_steps', pd.Series(1, index=runs.index)).fillna(1) != 0
-            sel = runs[(runs['stage'] == stage) & runs[key].notna() & trained]
+            kind = runs.apply(run_stage, axis=1)
+            sel = runs[(kind == stage) & runs[key].notna() & trained]
             long += [dict(zip(('dataset', 'caption_source'), run_source(r)), metric=col, value=r[key])
                      for _, r in sel.iterrows()]
     if long:
