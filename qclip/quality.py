@@ -184,7 +184,7 @@ def quality_table(summary:pd.DataFrame)->pd.DataFrame:
     "The tidy summary as one row per (dataset, caption source), one column per measure."
     return summary.pivot_table(index=['dataset', 'caption_source'], columns='measure', values='value', sort=False)
 
-# %% ../nbs/09b_quality.ipynb #f0847926
+# %% ../nbs/09b_quality.ipynb #fb170dc1
 def plot_quality(frame:pd.DataFrame, summary:pd.DataFrame, path=None):
     "Alignment-score and length distributions, faithfulness and diversity per dataset and caption source (seaborn)."
     import matplotlib; matplotlib.use('Agg')
@@ -202,10 +202,11 @@ def plot_quality(frame:pd.DataFrame, summary:pd.DataFrame, path=None):
     keep = [m for m in ('main_named', 'absent_named', 'distinct_2', 'duplicate_rate') if m in set(summary['measure'])]
     s = summary[summary['measure'].isin(keep)].assign(source=lambda d: d['dataset'] + ' | ' + d['caption_source'])
     sns.barplot(s, y='source', x='value', hue='measure', ax=axs[0][-1]); axs[0][-1].set_ylabel('')
-    axs[0][-1].set_title('faithfulness (built-in scenes) and diversity'); axs[0][-1].set_xlim(0, 1)
+    axs[0][-1].set_title('faithfulness and diversity'); axs[0][-1].set_xlim(0, 1)
+    sns.move_legend(axs[0][-1], 'upper left', bbox_to_anchor=(1, 1), fontsize=8)
     fig.tight_layout()
     if path is not None:
-        with atomic_path(path) as tmp: fig.savefig(tmp, format='png', dpi=110)
+        with atomic_path(path) as tmp: fig.savefig(tmp, format='png', dpi=110, bbox_inches='tight')
     return fig
 
 # %% ../nbs/09b_quality.ipynb #c69e14bb
