@@ -469,12 +469,22 @@ def _parser():
     ru.add_argument('--profile', default=None, help="a profile of the yaml, e.g. small (CPU-sized, built-in data)")
     ru.add_argument('--only', default=None, help='only these stages (comma-separated), e.g. pretrain')
     ru.add_argument('--jobs', type=int, default=1, help='local: this many runs side by side, the cores shared between them')
+    for name, what in _JOBS.items():  # the jobs with a command of their own: their options are theirs (`qclip NAME -h`)
+        sub.add_parser(name, help=what[1], add_help=False).add_argument('args', nargs=argparse.REMAINDER)
     return ap
+
+_JOBS = {'reinforce': ('qclip.reinforce', 'caption (and embed) webdataset shards with a CoCa into DataCompDR side-car shards'),
+         'caption-quality': ('qclip.quality', 'caption-quality measures of datasets, caption sources and reinforced shards')}
 
 def _terminated(signum, frame): raise SystemExit(128 + signum)  # SIGTERM unwinds like Ctrl-C: finally blocks run
 
 def main(argv=None):
     "Entry point of the `qclip` command."
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in _JOBS:  # e.g. `qclip reinforce --data-root ...`: that job's own command line
+        import importlib
+        try: return importlib.import_module(_JOBS[argv[0]][0]).cli(argv[1:])
+        except SystemExit as e: return e.code if isinstance(e.code, int) else 2  # argparse's usage errors
     a = _parser().parse_args(argv)
     if a.cmd == 'launch':
         try:
