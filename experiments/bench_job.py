@@ -26,6 +26,18 @@ machine), so job/step measures what the pipeline between the loader and the step
 machine the separate-process ratio drifts with the load (the loader worker competes with other jobs for the cores
 the step had to itself); the CPU mode therefore also reports `job_over_own_steps`: the job's samples/s over those of
 its own steps timed inside it, over the same intervals, which no outside load moves.
+
+Measured on the 2-core CPU machine (`--device cpu`: tiny-vit fp32, batch 64, 1 thread + 1 loader worker, 80-px JPEGs;
+load average ~7 from other work, so the separate-process ratio is noisy):
+
+    captions  open_clip_train  qclip job  bare step  job/step  job/own steps  job/open_clip
+    gt              36.4          47.1       44.7      1.055       0.992          1.295
+    gt+syn            -           35.5       37.9      0.936       0.993            -
+    (before this issue's changes, same machine: job/own steps 0.996 gt, 0.995 gt+syn; on a CPU the copy to the device
+     and the host-device syncs the changes remove do not exist, so the CPU mode guards the training process's own cost)
+
+The GPU figures (job/step, job/open_clip_train, MFU; ViT-B/16 bf16 on an H200) are not measured yet: the session that
+wrote this had no GPU. `experiments/bench_job_h200.sh` runs them in one call of about 7 minutes.
 """
 import argparse, io, json, os, re, shutil, statistics, subprocess, sys, tempfile, time
 from multiprocessing import Pool
@@ -90,10 +102,10 @@ def work_step(a:dict)->dict:
     return dict(step_s=statistics.median(groups), step_s_groups=groups, warmup_s=warm)
 
 def work_job(a:dict)->dict:
-    "The real job, `qclip.train.pretrain`, on the shards: samples/s, and the share of the time in its steps, per interval."
+    "The real job, `qclip.train.pretrain`, on the shards: samples/s and the share of time in its steps, per interval."
     import qclip.train as qt
     out, marks, in_step, append, step_fn = Path(a['out_dir']), [], [0.], qt.MetricsLog.append, qt.clip_step
-    def timed_step(*args, **kw):  # wall time inside the job's steps (on a CPU the step's own time; on CUDA only its launch)
+    def timed_step(*args, **kw):  # wall time in the job's steps (on a CPU the step's own time; on CUDA only its launch)
         t = time.perf_counter(); r = step_fn(*args, **kw); in_step[0] += time.perf_counter() - t; return r
     def timed_append(self, **row):  # at each log step: wall clock and time spent in steps so far
         marks.append((time.perf_counter(), in_step[0])); return append(self, **row)
@@ -132,9 +144,11 @@ def run_open_clip(a, setup, batch, shard_glob, n_shards, env, site:Path)->dict:
             '--train-num-samples', str(steps * batch), '--batch-size', str(batch), '--workers', str(a.workers),
             '--epochs', '1', '--model', a.model, '--precision', prec, '--lr', '1e-3', '--wd', '0.2', '--beta1', '0.9',
             '--beta2', '0.95', '--eps', '1e-6', '--warmup', str(max(1, steps // 4)), '--grad-clip-norm', '1.0',
-            '--log-every-n-steps', str(a.log_every), '--logs', 'none', '--local-loss', '--gather-with-grad', '--seed', '0',
+            '--log-every-n-steps', str(a.log_every), '--logs', 'none', '--local-loss', '--gather-with-grad',
+            '--seed', '0',
             '--device', a.device] + (['--torchcompile'] if setup == 'compile' else [])
-    code = 'import sys, qclip.models; from open_clip_train.main import main; main(sys.argv[1:])'  # qclip's configs registered
+    # qclip.models registers qclip's model configs with open_clip (tiny-vit)
+    code = 'import sys, qclip.models; from open_clip_train.main import main; main(sys.argv[1:])'
     oc_env = {**env, 'PYTHONPATH': os.pathsep.join([str(site), env.get('PYTHONPATH', '')]).rstrip(os.pathsep)}
     r = subprocess.run([sys.executable, '-c', code, *args], capture_output=True, text=True, env=oc_env,
                        timeout=a.timeout, cwd=tempfile.mkdtemp(prefix='bench_job_oc_'))
@@ -181,7 +195,8 @@ def main():
     cores = len(os.sched_getaffinity(0))
     a.model = a.model or ('ViT-B-16' if cuda else 'tiny-vit')
     a.precision = a.precision or ('bf16' if cuda else 'fp32')
-    a.setups = [(s.split(':')[0], int(s.split(':')[1])) for s in (a.setups or (['eager:256', 'compile:512'] if cuda else ['eager:64']))]
+    a.setups = [(s.split(':')[0], int(s.split(':')[1]))
+                for s in (a.setups or (['eager:256', 'compile:512'] if cuda else ['eager:64']))]
     a.workers = a.workers if a.workers is not None else (max(1, cores - 1) if cuda else 1)
     a.threads = a.threads or (0 if cuda else 1)
     a.steps, a.reps = a.steps or (40 if cuda else 30), a.reps or (15 if cuda else 5)
@@ -193,10 +208,12 @@ def main():
     env['PYTHONPATH'] = os.pathsep.join([p for p in [env.get('PYTHONPATH', ''), str(ROOT)] if p])
 
     import torch
-    dev_name = torch.cuda.get_device_name() if cuda else f'CPU ({cores} cores; step on {a.threads} thread(s), {a.workers} loader worker(s))'
+    dev_name = (torch.cuda.get_device_name() if cuda else
+                f'CPU ({cores} cores; step on {a.threads} thread(s), {a.workers} loader worker(s))')
     peak = a.peak_tflops or None
     if cuda and not peak:
-        sys.path.insert(0, str(HERE)); from bench_scaling import device_peak_tflops; peak = device_peak_tflops(a.precision)
+        sys.path.insert(0, str(HERE)); from bench_scaling import device_peak_tflops
+        peak = device_peak_tflops(a.precision)
     t0 = time.perf_counter()
     data = Path(a.data) if a.data else Path(tempfile.mkdtemp(prefix='bench_job_'))/'shards'
     if not (data.is_dir() and len(list(data.glob('*.tar'))) >= a.shards):
@@ -204,8 +221,9 @@ def main():
     n_shards = len(list(data.glob('*.tar')))
     shard_glob = f'{data}/{{00000..{n_shards - 1:05d}}}.tar'
     print(f"{a.model} {a.precision} on {dev_name}; {n_shards} shards x {a.per_shard} JPEGs of {a.side} px "
-          f"({sum(p.stat().st_size for p in data.glob('*.tar')) / 2**20:.0f} MiB, made in {time.perf_counter() - t0:.0f} s); "
-          f"{a.workers} loader workers; job: {a.steps} steps, logged every {a.log_every}, first {a.skip} intervals dropped",
+          f"({sum(p.stat().st_size for p in data.glob('*.tar')) / 2**20:.0f} MiB, made in "
+          f"{time.perf_counter() - t0:.0f} s); {a.workers} loader workers; job: {a.steps} steps, logged every "
+          f"{a.log_every}, first {a.skip} intervals dropped",
           flush=True)
     site = None if a.no_open_clip else open_clip_site(Path(a.open_clip_site) if a.open_clip_site else
                                                         Path.home()/'.cache'/'qclip'/'bench'/'open_clip_site')
@@ -216,8 +234,9 @@ def main():
             K = 1 if cap == 'gt' else 2
             base = dict(device=a.device, model=a.model, precision=a.precision, variant=variant, batch=batch, K=K)
             step = _sub('step', {**base, 'warmup': 3 if variant == 'eager' else 5, 'reps': a.reps}, env, a.timeout)
-            job = _sub('job', {**base, 'captions': cap, 'steps': a.steps, 'log_every': a.log_every, 'workers': a.workers,
-                               'data_root': str(data), 'out_dir': str(tmp/f'{variant}{batch}-{cap}')}, env, a.timeout)
+            job = _sub('job', {**base, 'captions': cap, 'steps': a.steps, 'log_every': a.log_every,
+                               'workers': a.workers, 'data_root': str(data),
+                               'out_dir': str(tmp/f'{variant}{batch}-{cap}')}, env, a.timeout)
             oc = (run_open_clip(a, variant, batch, shard_glob, n_shards, env, site)
                   if (site is not None and cap == 'gt') else None)
             r = dict(variant=variant, batch=batch, captions=cap, step_sps=batch / step['step_s'],
@@ -238,8 +257,8 @@ def main():
             r['job_interval_step_share'] = job['interval_step_share']
             if a.out:
                 tmp_out = Path(a.out).with_suffix('.tmp')
-                tmp_out.write_text(json.dumps(dict(device=dev_name, model=a.model, precision=a.precision, workers=a.workers,
-                                                   side=a.side, peak_tflops=peak, rows=rows), indent=1))
+                tmp_out.write_text(json.dumps(dict(device=dev_name, model=a.model, precision=a.precision, rows=rows,
+                                                   workers=a.workers, side=a.side, peak_tflops=peak), indent=1))
                 os.replace(tmp_out, a.out)
     shutil.rmtree(tmp, ignore_errors=True)
     if not a.data: shutil.rmtree(data.parent, ignore_errors=True)

@@ -12,6 +12,20 @@ Times are medians of `--reps` steps (gloo over loopback on a shared CPU: a rough
 
     .venv/bin/python experiments/bench_loss_comm.py                      # b=256, D=512 (ViT-B/16), worlds 2 and 4
     .venv/bin/python experiments/bench_loss_comm.py --worlds 2 --batch 64 --reps 3
+
+Measured (b=256, D=512, teacher 1536; MiB each rank sends per step, forward + backward; collective calls):
+
+    world  loss            K=1: calls  MiB    K=2: calls  MiB
+      2    open_clip             6    2.00         12    4.00
+      2    qclip before          8    3.00         12    4.50
+      2    qclip                 3    2.00          3    3.00
+      2    distill before       12    9.00         18   13.50
+      2    distill qclip         4    5.00          4    7.50
+      4    open_clip            10    6.00         20   12.00
+      4    qclip before         12    9.00         18   13.50
+      4    qclip                 5    6.00          5    9.00
+      4    distill before       16   27.00         24   40.50
+      4    distill qclip         6   15.00          6   22.50
 """
 import argparse, json, math, statistics, sys, time
 from pathlib import Path
@@ -64,7 +78,8 @@ def measure(batch:int, dim:int, teacher_dim:int, reps:int)->dict:
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     ap.add_argument('--worlds', type=int, nargs='+', default=[2, 4])
-    ap.add_argument('--batch', type=int, default=256, help='rows per rank'); ap.add_argument('--dim', type=int, default=512)
+    ap.add_argument('--batch', type=int, default=256, help='rows per rank')
+    ap.add_argument('--dim', type=int, default=512)
     ap.add_argument('--teacher-dim', type=int, default=1536, help="DataCompDR's stored teacher embeddings (2 x 768)")
     ap.add_argument('--reps', type=int, default=5); ap.add_argument('--out', default='')
     a = ap.parse_args()
@@ -72,7 +87,8 @@ def main():
     rows = []
     print(f'per rank: [{a.batch}, {a.dim}] float32 features ({a.batch * a.dim * 4 / 2**20:.2f} MiB each), '
           f'teacher [{a.batch}, {a.teacher_dim}]; local_loss + gather_with_grad; one forward + backward')
-    print(f"{'world':>5} {'loss':<16}{'K':>2} {'calls fwd+bwd':>14} {'MiB sent':>9} {'vs open_clip':>13} {'ms/step':>8}")
+    print(f"{'world':>5} {'loss':<16}{'K':>2} {'calls fwd+bwd':>14} {'MiB sent':>9} {'vs open_clip':>13} "
+          f"{'ms/step':>8}")
     for W in a.worlds:
         res = launch(measure, dict(batch=a.batch, dim=a.dim, teacher_dim=a.teacher_dim, reps=a.reps), nproc_per_node=W)
         for key, r in res.items():
