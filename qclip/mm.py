@@ -5,6 +5,7 @@
 # %% ../nbs/08b_mm.ipynb #77d8cb2e
 from __future__ import annotations
 import copy, json, os, pickle, shutil, tempfile, time
+import yaml
 from pathlib import Path
 import numpy as np, torch, torch.nn as nn, torch.nn.functional as F
 import webdataset as wds
@@ -15,24 +16,46 @@ from mmengine.registry import OPTIM_WRAPPER_CONSTRUCTORS
 from mmengine.runner.checkpoint import CheckpointLoader
 from mmseg.registry import MODELS as SEG_MODELS
 from mmdet.registry import MODELS as DET_MODELS
-from .core import Registry, cache_dir, check_choice, check_positive, atomic_write_text
+from .core import Registry, cache_dir, check_choice, check_positive, atomic_write_text, run_lock
 from .data.synth import CLASSES, SHAPES, COLOURS, synth_shards
 from .finetune import SYNTH_LABELS
 from .heads import dense_encoder, is_vit, layer_decay_groups, is_arch
 
 # %% auto #0
-__all__ = ['SYNTH', 'LAYOUTS', 'RECIPES', 'PALETTE', 'JOB_KEYS', 'load_from_local', 'QCLIPBackbone', 'QCLIPViT', 'QCLIPMCi',
-           'QCLIPLayerDecayConstructor', 'check_layout', 'synth_ade20k', 'synth_coco', 'resolve_recipe', 'mm_config',
-           'run_mm', 'mm_losses', 'plot_losses']
+__all__ = ['SYNTH', 'LAYOUTS', 'RECIPES', 'PALETTE', 'JOB_KEYS', 'mm_safe_globals', 'load_from_local', 'QCLIPBackbone',
+           'QCLIPViT', 'QCLIPMCi', 'QCLIPLayerDecayConstructor', 'check_layout', 'synth_ade20k', 'synth_coco',
+           'resolve_recipe', 'mm_config', 'run_mm', 'mm_losses', 'plot_losses', 'dense_job']
 
 # %% ../nbs/08b_mm.ipynb #a15fea32
+def _buffer_method(obj, name:str):
+    "What the unpickler gets for `getattr`: only the statistics methods of `HistoryBuffer` (the class or a buffer)."
+    from mmengine.logging.history_buffer import HistoryBuffer
+    ok = obj is HistoryBuffer or isinstance(obj, HistoryBuffer)
+    if ok and name in ('min', 'max', 'current', 'mean'): return getattr(obj, name)
+    raise pickle.UnpicklingError(f"the checkpoint asks for attribute {name!r} of a {type(obj).__name__} (only a HistoryBuffer's "
+                                 "min/max/current/mean are allowed)")
+
+def mm_safe_globals()->list:
+    "The classes and functions (beyond plain tensors and containers) that checkpoints written by mmengine's `Runner` hold."
+    import collections
+    from mmengine.logging.history_buffer import HistoryBuffer
+    mu = getattr(np, '_core', None) or np.core  # numpy 2 / 1
+    return [HistoryBuffer, collections.Counter, np.ndarray, np.dtype, mu.multiarray._reconstruct, mu.multiarray.scalar,
+            *{type(np.dtype(t)) for t in ('bool', 'int8', 'int16', 'int32', 'int64', 'uint8', 'float16', 'float32', 'float64')},
+            (_buffer_method, 'builtins.getattr')]  # a HistoryBuffer's `statistics_methods` are pickled as getattr(buffer, 'min')
+
 @CheckpointLoader.register_scheme(prefixes='', force=True)
 def load_from_local(filename, map_location=None):
-    "mmengine's local checkpoint loader, for torch >= 2.6: `weights_only=True` first, full unpickling only if that fails."
+    "mmengine's local checkpoint loader for torch >= 2.6: `weights_only=True`, mmengine's own types allowed, nothing else."
     filename = os.path.expanduser(filename)
     if not os.path.isfile(filename): raise FileNotFoundError(f'{filename} can not be found.')
-    try: return torch.load(filename, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError: return torch.load(filename, map_location=map_location, weights_only=False)
+    with torch.serialization.safe_globals(mm_safe_globals()):
+        try: return torch.load(filename, map_location=map_location, weights_only=True)
+        except pickle.UnpicklingError as e:
+            what = next((l.strip() for l in str(e).splitlines() if 'GLOBAL' in l or 'Unsupported' in l), str(e).splitlines()[0])
+            raise pickle.UnpicklingError(f"refusing to load checkpoint {filename!r}: it holds objects that are not tensors, "
+                                         f"plain containers or the types mmengine's checkpoints use ({what}); loading it "
+                                         "would run code it carries. Convert a trusted file to a plain state dict first.") from None
 
 # %% ../nbs/08b_mm.ipynb #623764f1
 class QCLIPBackbone(BaseModule):
@@ -408,9 +431,11 @@ def run_mm(cfg:Config)->dict:
     runner.train()
     metrics = runner.test()
     out = {k.split('/')[-1]: float(v) for k, v in metrics.items() if isinstance(v, (int, float, np.floating))}
-    if cfg.get('qclip', {}).get('task') == 'det' and 'bbox_mAP' not in out:  # mmdet's CocoMetric returns nothing then
-        print(f"no detection scored above {cfg.model.test_cfg.rcnn.score_thr} on the test set: box and mask AP are 0")
-        out.update({f'{t}_mAP{s}': 0.0 for t in ('bbox', 'segm') for s in ('', '_50', '_75')})
+    if cfg.get('qclip', {}).get('task') == 'det':  # mmdet's CocoMetric gives fractions; every qclip job reports %
+        if 'bbox_mAP' not in out:  # and it returns nothing at all when no box scored above the threshold
+            print(f"no detection scored above {cfg.model.test_cfg.rcnn.score_thr} on the test set: box and mask AP are 0")
+        out = {**{f'{t}_mAP{s}': 0.0 for t in ('bbox', 'segm') for s in ('', '_50', '_75')},
+               **{k: 100 * v if k.startswith(('bbox_mAP', 'segm_mAP')) else v for k, v in out.items()}}
     return out
 
 def mm_losses(work_dir)->list[dict]:
@@ -437,3 +462,50 @@ def plot_losses(work_dir, path, title:str='')->Path:
     with atomic_path(path) as tmp: fig.savefig(tmp, format=Path(path).suffix.lstrip('.') or 'png', dpi=100, bbox_inches='tight')
     plt.close(fig)
     return Path(path)
+
+# %% ../nbs/08b_mm.ipynb #8b406f32
+def dense_job(
+    task:str,                  # 'seg' (21_segmentation) or 'det' (22_detection)
+    recipe:str,                # a name in RECIPES of that task
+    cfg_options:dict|None=None,# further mm overrides by dotted key
+    seed:int=0,
+    device:str='auto',         # auto | cpu | cuda
+    out_dir='runs/dense',
+    resume:bool=True,          # continue from the last checkpoint in out_dir/work_dir
+    **job,                     # JOB_KEYS: None or '' keeps the recipe's value
+)->dict:                       # the test metrics written to results.json
+    "Train and test an OpenMMLab recipe into `out_dir`; returns its test metrics (%)."
+    check_choice('device', device, ['auto', 'cpu', 'cuda'])
+    if device == 'cuda' and not torch.cuda.is_available(): raise ValueError("device='cuda' is not valid here: torch sees no GPU")
+    if device == 'cpu': os.environ['CUDA_VISIBLE_DEVICES'] = ''  # mmengine picks a GPU when it sees one
+    kind = {'seg': ('a segmentation', '21_segmentation'), 'det': ('a detection', '22_detection')}
+    if check_choice('task', task, kind) != RECIPES[recipe]['task']:
+        raise ValueError(f"recipe={recipe!r} is not valid here: it is {kind[RECIPES[recipe]['task']][0]} recipe "
+                         f"(nbs/{kind[RECIPES[recipe]['task']][1]}.ipynb); expected one of: "
+                         f"{', '.join(k for k, v in RECIPES.items() if v['task'] == task)}")
+    r = resolve_recipe(recipe, **job)  # fails on a bad parameter before the folder is touched
+    with run_lock(out_dir) as out:
+        cfg = mm_config(recipe, work_dir=str(out/'work_dir'), seed=seed, resume=resume, cfg_options=cfg_options, **job)
+        params = dict(recipe=recipe, **{k: r.get(k) for k in JOB_KEYS}, cfg_options=dict(cfg_options or {}), seed=seed,
+                      device=device, out_dir=str(out), resume=resume, paper=r['paper'], sources=r['sources'])
+        params['synth_n'] = list(params['synth_n']) if params['synth_n'] else None
+        atomic_write_text(out/'params.yaml', yaml.safe_dump(params, sort_keys=False))
+        atomic_write_text(out/'config.py', cfg.dump())
+        print(_describe(cfg, r, recipe, job.get('encoder')), flush=True)
+        metrics = run_mm(cfg)
+        keep = ('mIoU', 'mAcc', 'aAcc') if task == 'seg' else tuple(k for k in metrics if k.startswith(('bbox_', 'segm_')))
+        results = {k: metrics[k] for k in keep if k in metrics}
+        atomic_write_text(out/'results.json', json.dumps(results, indent=1))
+        plot_losses(out/'work_dir', out/'loss.png', title=f"{recipe}: {job.get('encoder') or r['encoder']}")
+    return results
+
+def _describe(cfg:Config, r:dict, recipe:str, encoder)->str:
+    "One line on what the job trains: model, data, schedule and batch per process against the paper's global batch."
+    b, m = cfg.train_dataloader.batch_size, cfg.model
+    head = m.decode_head.type if r['task'] == 'seg' else f"{m.type} ({m.roi_head.type})"
+    n = f"{cfg.train_cfg.max_iters} iters x batch {b} per process" if cfg.train_cfg.type == 'IterBasedTrainLoop' \
+        else f"{cfg.train_cfg.max_epochs} epochs x batch {b} per process"
+    return (f"{recipe} ({r['paper']}): {m.backbone.type} {encoder or r['encoder']!r} + {head} on {r['dataset']}, "
+            f"{cfg.qclip.num_classes} classes, {r['img_size']} px\n{n} (paper: {r['gpus']} GPUs x {r['batch_size']} = "
+            f"{cfg.qclip.global_batch} per iter); AdamW lr {r['lr']} wd {r['weight_decay']}, layer decay {r['layer_decay']}, "
+            f"drop path {r['drop_path']}")

@@ -129,3 +129,31 @@ def test_papermill_wrong_task_fails_fast(tmp_path):
     with pytest.raises(pm.PapermillExecutionError, match="recipe='mask-rcnn-vit-small' is not valid here: it is a detection recipe"):
         _run('21_segmentation.ipynb', tmp_path, recipe='mask-rcnn-vit-small', out_dir=str(tmp_path/'run'))
     assert not (tmp_path/'run'/'work_dir').exists()
+
+class _Payload:
+    "A crafted checkpoint object: unpickling it writes a file (any code could run in its place)."
+    def __init__(self, path): self.path = str(path)
+    def __reduce__(self): return (Path.write_text, (Path(self.path), 'code ran'))
+
+@pytest.mark.parametrize('how', ['resume', 'load_from'])
+def test_malicious_checkpoint_never_runs(how, tmp_path):
+    "A checkpoint whose pickle carries code is refused on both ways mmengine reads one; the payload's file is never written."
+    pwned, wd = tmp_path/'pwned', tmp_path/'work_dir'
+    wd.mkdir()
+    torch.save({'state_dict': {}, 'meta': {'iter': 1}, 'message_hub': _Payload(pwned)}, wd/'iter_1.pth')
+    opts = {}
+    if how == 'resume': (wd/'last_checkpoint').write_text(str(wd/'iter_1.pth'))
+    else: opts = {'load_from': str(wd/'iter_1.pth')}
+    cfg = qm.mm_config('upernet-vit-small', work_dir=str(wd), resume=how == 'resume', cfg_options=opts, **TINY)
+    with pytest.raises(Exception, match='refusing to load checkpoint'): qm.run_mm(cfg)
+    assert not pwned.exists()
+
+def test_mmengine_checkpoints_still_resume(tmp_path):
+    "The allow-list covers what mmengine's Runner writes: a job killed after its checkpoint resumes through dense_job."
+    out = tmp_path/'run'
+    qm.dense_job('det', 'mask-rcnn-vit-small', out_dir=out, encoder='tiny-vit', device='cpu', **{**TINY, 'iters': 2})
+    assert (out/'work_dir'/'iter_2.pth').is_file()
+    res = qm.dense_job('det', 'mask-rcnn-vit-small', out_dir=out, encoder='tiny-vit', device='cpu', **{**TINY, 'iters': 3})
+    last = sorted((out/'work_dir').glob('*/vis_data/scalars.json'))[-1]
+    assert [json.loads(l)['iter'] for l in last.read_text().splitlines() if 'loss' in l] == [3]  # resumed after 2
+    assert all(0 <= v <= 100 for k, v in res.items() if 'mAP' in k), res  # mAP in %, as every job reports
