@@ -4,7 +4,7 @@
 
 # %% ../nbs/05_models.ipynb #c735609d
 from __future__ import annotations
-import json, logging
+import copy, json, logging
 from pathlib import Path
 import torch, torch.nn as nn, open_clip, timm, yaml
 from safetensors.torch import save_file
@@ -29,13 +29,10 @@ QCLIP_CONFIGS = {
                       text_cfg=dict(context_length=77, vocab_size=49408, width=512, heads=8, layers=12)),
 }
 
-def register_open_clip_configs():
-    "Write qclip's model configs as open_clip JSON files into the cache and register them with open_clip."
-    d = cache_dir('open_clip_configs')
-    for name, cfg in QCLIP_CONFIGS.items():
-        p, text = d/f'{name}.json', json.dumps(cfg, indent=1)
-        if not p.exists() or p.read_text() != text: atomic_write_text(p, text)
-    open_clip.add_model_config(d)
+def register_open_clip_configs(configs:dict|None=None):
+    "Register model configs (default: qclip's) with open_clip, in memory: importing qclip writes nothing to disk."
+    import open_clip.factory as f
+    f._MODEL_CONFIGS.update(copy.deepcopy(configs or QCLIP_CONFIGS))  # open_clip keeps these across its own rescans
 
 register_open_clip_configs()
 

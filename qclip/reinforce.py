@@ -11,7 +11,7 @@ import numpy as np, torch, torch.nn as nn, torch.nn.functional as F, open_clip, 
 from tqdm.auto import tqdm
 from .core import (Registry, cache_dir, check_choice, check_positive, atomic_path, atomic_write_text,
                         seed_everything, save_checkpoint, load_checkpoint, MetricsLog)
-from .models import CLIP_MODELS, create_clip, get_tokenizer, save_weights
+from .models import CLIP_MODELS, create_clip, get_tokenizer, register_open_clip_configs, save_weights
 from .data.shards import (DATASETS, BadCounter, BadSample, IMAGE_KEYS, find_shards, read_tar, ShardStream,
                                make_loader, dataset_spec, train_transform)
 from .data.augment import open_image, crop_resize, center_box, rrc_box, normalize_batch
@@ -37,12 +37,8 @@ COCA_CONFIGS = {
 }
 
 def register_coca_configs():
-    "Write qclip's CoCa configs as open_clip JSON files into the cache and register them with open_clip."
-    d = cache_dir('open_clip_coca_configs')
-    for name, cfg in COCA_CONFIGS.items():
-        p, text = d/f'{name}.json', json.dumps(cfg, indent=1)
-        if not p.exists() or p.read_text() != text: atomic_write_text(p, text)
-    open_clip.add_model_config(d)
+    "Register qclip's CoCa configs with open_clip, in memory (see `qclip.models.register_open_clip_configs`)."
+    register_open_clip_configs(COCA_CONFIGS)
 
 register_coca_configs()
 
