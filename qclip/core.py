@@ -12,7 +12,7 @@ import numpy as np, torch
 # %% auto #0
 __all__ = ['LOCK_FILE', 'LOCK_ENV', 'Registry', 'check_choice', 'check_positive', 'atomic_path', 'atomic_write_text',
            'save_checkpoint', 'load_checkpoint', 'seed_everything', 'cache_dir', 'MetricsLog', 'RunLockedError',
-           'lock_holder', 'clean_stale_tmp', 'lock_here', 'run_lock', 'assigned_names', 'unknown_params',
+           'lock_holder', 'clean_stale_tmp', 'lock_here', 'run_lock', 'yaml_value', 'assigned_names', 'unknown_params',
            'check_job_params']
 
 # %% ../nbs/00_core.ipynb #0d6bd5df
@@ -185,6 +185,15 @@ def run_lock(
         (d/LOCK_FILE).unlink(missing_ok=True)  # while still held: a job waiting on this file sees it gone and reopens
         if not ok and created and not any(d.iterdir()): d.rmdir()  # failed before writing anything: no empty folder
         fcntl.flock(fh, fcntl.LOCK_UN); fh.close()
+
+# %% ../nbs/00_core.ipynb #48e73185
+def yaml_value(s:str):
+    "A command-line value parsed as YAML, with '1e-3' (a string to YAML 1.1) read as a number."
+    import yaml
+    v = yaml.safe_load(s)
+    if isinstance(v, str):
+        with contextlib.suppress(ValueError): v = float(v)
+    return v
 
 # %% ../nbs/00_core.ipynb #e3c84426
 def assigned_names(source:str)->list[str]:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse, contextlib, itertools, json, os, re, signal, sys, time
 from pathlib import Path
 import yaml
-from .core import LOCK_ENV, RunLockedError, atomic_write_text, lock_holder, run_lock, unknown_params
+from .core import LOCK_ENV, RunLockedError, atomic_write_text, lock_holder, run_lock, unknown_params, yaml_value
 from .distributed import LAUNCH_ENV
 
 # %% auto #0
@@ -433,11 +433,7 @@ def slurm_dependency(job)->bool:
     return type(job).__name__ == 'SlurmJob'
 
 # %% ../nbs/07a_jobs.ipynb #8a992cf2
-def _value(s:str):
-    v = yaml.safe_load(s)
-    if isinstance(v, str):  # YAML 1.1 reads '1e-3' as a string
-        with contextlib.suppress(ValueError): v = float(v)
-    return v
+_value = yaml_value  # `-p NAME VALUE` values
 
 def _params_file(path)->dict:
     "The mapping of a parameters yaml (`-f`), or a one-line error naming the file."

@@ -146,7 +146,7 @@ LOGIT_SCALE_INIT = math.log(1 / 0.07)
 LOGIT_SCALE_MAX = math.log(100)
 
 @torch.no_grad()
-def clamp_logit_scale_(model:nn.Module, max_scale:float=100.)->nn.Module:
+def clamp_logit_scale_(model:nn.Module, max_scale:float=math.exp(LOGIT_SCALE_MAX))->nn.Module:
     "Clamp `model.logit_scale` in place to [0, log(max_scale)] (1/tau <= 100)."
     model.logit_scale.clamp_(0, math.log(max_scale))
     return model

@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 from timm.utils import ModelEmaV3
 from fastcore.script import call_parse, Param
 from .core import (check_choice, check_positive, seed_everything, save_checkpoint, load_checkpoint,
-                        atomic_write_text, atomic_path, MetricsLog, run_lock)
+                        atomic_write_text, atomic_path, MetricsLog, run_lock, yaml_value)
 from .loss import ClipLoss, DistillClipLoss, clamp_logit_scale_
 from .models import CLIP_MODELS, create_clip, get_tokenizer, save_weights
 from .data.shards import (DATASETS, ShardStream, make_loader, find_shards, find_sources, check_caption_source, train_transform,
@@ -21,7 +21,7 @@ from .data.shards import (DATASETS, ShardStream, make_loader, find_shards, find_
                                device_batches)
 from .data.augment import RangeAugment
 from .distributed import (init_distributed, launch, launch_request, all_reduce_mean, barrier, unwrap, fsdp_wrap,
-                               full_state, load_full_state, clip_grad_norm_)
+                               full_state, load_full_state, clip_grad_norm_, rank_world)
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 # %% auto #0
@@ -166,10 +166,6 @@ def _device(name:str)->torch.device:
     if name == 'cuda' and not torch.cuda.is_available(): raise ValueError("device='cuda' but no CUDA device is available; use device='cpu' or 'auto'")
     return torch.device(name)
 
-def _dist_info():
-    if dist.is_available() and dist.is_initialized(): return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
 _RESUME_KEYS = ('dataset', 'data_root', 'model', 'caption_source', 'seed', 'ckpt_every', 'synth_n', 'synth_size',
                 'dr_root', 'syn_key', 'data_weights', 'subset_samples', 'paug_replay', 'w0', 'w1', 'range_augment')  # + the global batch
 
@@ -213,7 +209,7 @@ class BadTally:
     def sync(self):
         "Fold what every rank met since the last call into the tally (every rank calls it)."
         new = [(self._reads, self._ids)]
-        if _dist_info()[1] > 1: new = [None] * _dist_info()[1]; dist.all_gather_object(new, (self._reads, self._ids))
+        if rank_world()[1] > 1: new = [None] * rank_world()[1]; dist.all_gather_object(new, (self._reads, self._ids))
         for reads, ids in new:
             self.reads.update(reads)
             for k, v in ids.items(): self.ids.setdefault(k, set()).update(v)
@@ -263,7 +259,7 @@ def pretrain(**params)->dict:
             if created and dist.is_initialized(): dist.destroy_process_group()
 
 def _pretrain(p:dict)->dict:
-    rank, world = _dist_info()
+    rank, world = rank_world()
     dev, out = _device(p['device']), Path(p['out_dir'])
     if dev.type == 'cuda' and world > 1: dev = torch.device('cuda', torch.cuda.current_device())
     out.mkdir(parents=True, exist_ok=True)
@@ -395,11 +391,7 @@ def parse_overrides(items:list[str])->dict:
     out = {}
     for it in items or []:
         if '=' not in it: raise ValueError(f"{it!r} is not key=value")
-        k, v = it.split('=', 1); v = yaml.safe_load(v)
-        if isinstance(v, str):  # YAML 1.1 reads '1e-3' as a string
-            try: v = float(v)
-            except ValueError: pass
-        out[k] = v
+        k, v = it.split('=', 1); out[k] = yaml_value(v)
     return out
 
 @call_parse
