@@ -4,8 +4,8 @@
     python experiments/bench_synth.py --n 65536 --size 64 --shard-size 1024 --repeats 1   # a GPU node's cores
 
 Prints the median scenes/s of each, the speed-up and the speed-up per core, and checks that both wrote the same bytes
-(each shard is a pure function of its sample indices). Spawning the workers (each imports qclip, so torch) is part of
-the parallel run's time, as it is for a user.
+(each shard is a pure function of its sample indices). Starting the worker processes is part of the parallel run's
+time, as it is for a user.
 """
 import argparse, hashlib, os, statistics, sys, tempfile, time
 from pathlib import Path

@@ -359,10 +359,11 @@ def write_synth_shards(
                mininterval=1, leave=False)
     if procs <= 1:
         for j in jobs: bar.update(_write_shard(*j))
-    else:  # spawned workers import this module afresh (a forked copy of a process that runs torch can hang)
+    else:  # forked workers, as torch's DataLoader uses on Linux: a spawned one would re-run a caller's unguarded script
         import multiprocessing as mp, qclip.data.synth as this
         from concurrent.futures import ProcessPoolExecutor, as_completed
-        with ProcessPoolExecutor(procs, mp_context=mp.get_context('spawn')) as ex:
+        ctx = mp.get_context('fork' if 'fork' in mp.get_all_start_methods() else 'spawn')
+        with ProcessPoolExecutor(procs, mp_context=ctx) as ex:
             for f in as_completed([ex.submit(this._write_shard, *j) for j in jobs]): bar.update(f.result())
     bar.close()
     return [j[1] for j in jobs]
