@@ -285,7 +285,8 @@ def scaling(runs:pd.DataFrame, stage:str, metric:str)->pd.DataFrame:
     return pd.DataFrame(dict(dataset=sel.pre_dataset.map(lambda d: DATASET_ROWS.get(d, d)), samples=sel.pre_subset_samples.astype(float),
                              **{metric: sel[metric].values})).sort_values(['dataset', 'samples'])
 
-def plot_scaling(runs:pd.DataFrame, panels=(('segmentation', 'mIoU'), ('detection', 'bbox_mAP'), ('depth', 'rmse')), path=None):
+def plot_scaling(runs:pd.DataFrame, panels=(('segmentation', 'mIoU'), ('detection', 'bbox_mAP'), ('depth', 'rmse'), ('probes', 'linear_object'),
+                                            ('probes', 'seg_mIoU'), ('probes', 'depth_rmse')), path=None):
     "Fig. 2: each downstream metric against the number of pretraining samples (log x), one line per dataset."
     import matplotlib.pyplot as plt, seaborn as sns
     data = [(s, m, scaling(runs, s, m)) for s, m in panels]
