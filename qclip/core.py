@@ -11,9 +11,9 @@ import numpy as np, torch
 
 # %% auto #0
 __all__ = ['LOCK_FILE', 'LOCK_ENV', 'Registry', 'check_choice', 'check_positive', 'atomic_path', 'atomic_write_text',
-           'save_checkpoint', 'load_checkpoint', 'seed_everything', 'cache_dir', 'MetricsLog', 'RunLockedError',
-           'lock_holder', 'clean_stale_tmp', 'lock_here', 'run_lock', 'yaml_value', 'assigned_names', 'unknown_params',
-           'check_job_params']
+           'save_checkpoint', 'load_checkpoint', 'seed_everything', 'cache_dir', 'MetricsLog', 'plot_curves',
+           'RunLockedError', 'lock_holder', 'clean_stale_tmp', 'lock_here', 'run_lock', 'yaml_value', 'assigned_names',
+           'unknown_params', 'check_job_params']
 
 # %% ../nbs/00_core.ipynb #0d6bd5df
 class Registry(dict):
@@ -106,6 +106,33 @@ class MetricsLog:
         "Keep only rows with `step <= step` (atomically)."
         rows = [r for r in self.read() if r.get('step', -1) <= step]
         atomic_write_text(self.path, ''.join(json.dumps(r) + '\n' for r in rows))
+
+# %% ../nbs/00_core.ipynb #590578de
+def plot_curves(
+    rows:list[dict],              # `MetricsLog` rows
+    path,                         # the PNG to write
+    metrics:list[str],            # held-out metrics to draw on the right (those logged)
+    title:str,                    # title of the right panel
+    loss_title:str='training loss',
+    chance:float|None=None,       # a dashed 'chance' line on the right
+)->Path|None:                     # `path`, or None when no loss was logged
+    "Training loss and held-out `metrics` against step, side by side (seaborn), saved atomically."
+    import matplotlib; matplotlib.use('Agg')
+    import matplotlib.pyplot as plt, seaborn as sns, pandas as pd
+    df = pd.DataFrame(rows)
+    if df.empty or 'loss' not in df: return None
+    sns.set_theme(style='whitegrid')
+    fig, ax = plt.subplots(1, 2, figsize=(10, 3.6))
+    sns.lineplot(df.dropna(subset=['loss']), x='step', y='loss', ax=ax[0]); ax[0].set_title(loss_title)
+    ms = [m for m in metrics if m in df and df[m].notna().any()]
+    if ms:
+        long = df.dropna(subset=ms).melt(id_vars='step', value_vars=ms, var_name='metric', value_name='value')
+        sns.lineplot(long, x='step', y='value', hue='metric' if len(ms) > 1 else None, marker='o', ax=ax[1])
+        if chance is not None: ax[1].axhline(chance, ls='--', c='grey', label='chance'); ax[1].legend()
+    ax[1].set_title(title); fig.tight_layout()
+    with atomic_path(path) as tmp: fig.savefig(tmp, format='png', dpi=110)
+    plt.close(fig)
+    return Path(path)
 
 # %% ../nbs/00_core.ipynb #a2568447
 class RunLockedError(RuntimeError):

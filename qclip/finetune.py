@@ -12,12 +12,12 @@ from torch.utils.data import Dataset, DataLoader, Sampler
 from tqdm.auto import tqdm
 from timm.utils import ModelEmaV3
 from .core import (check_choice, check_positive, seed_everything, save_checkpoint, load_checkpoint, atomic_write_text,
-                        atomic_path, MetricsLog, run_lock)
+                        atomic_path, MetricsLog, run_lock, plot_curves)
 from .models import CLIP_MODELS, save_weights
 from .data.synth import SYNTH_DATASETS, SHAPES, COLOURS, synth_shards, decode_dense
 from .data.shards import read_tar, BadCounter, data_root_of
 from .data.augment import rrc_box, crop_resize, open_image, normalize_batch, MEAN, STD
-from .train import cosine_lr, autocast, _device
+from .train import cosine_lr, autocast, _device, _fault
 from .heads import (load_encoder, is_arch, set_img_size, set_drop_path, vit_input_size, DenseEncoder, DepthModel,
                          Classifier, layer_decay_groups, SiLogLoss, depth_metrics, flip_tta, shift_window, DEPTH_METRICS)
 
@@ -376,24 +376,9 @@ def eval_depth(model, val:Dataset, norm, dev, p:dict, window:int, precision='fp3
 # %% ../nbs/08a_finetune.ipynb #2a6ee9dc
 _RESUME_KEYS = ('encoder', 'arch', 'dataset', 'data_root', 'img_size', 'batch_size', 'seed', 'synth_n', 'mode', 'crop', 'drop_path')
 
-def _fault(step:int):
-    "Testing hook: `QCLIP_FAIL_AT=0:step` raises at that step (as `qclip.train` does), to test kill-and-resume."
-    if os.environ.get('QCLIP_FAIL_AT') == f'0:{step}': raise RuntimeError(f'injected failure at step {step} (QCLIP_FAIL_AT)')
-
 def plot_finetune(rows:list[dict], path, metric:str, title:str)->Path|None:
-    "Training loss and the validation `metric` against step (seaborn)."
-    import matplotlib; matplotlib.use('Agg')
-    import matplotlib.pyplot as plt, seaborn as sns, pandas as pd
-    df = pd.DataFrame(rows)
-    if df.empty or 'loss' not in df: return None
-    sns.set_theme(style='whitegrid')
-    fig, ax = plt.subplots(1, 2, figsize=(10, 3.6))
-    sns.lineplot(df.dropna(subset=['loss']), x='step', y='loss', ax=ax[0]); ax[0].set_title('training loss')
-    if metric in df and df[metric].notna().any(): sns.lineplot(df.dropna(subset=[metric]), x='step', y=metric, marker='o', ax=ax[1])
-    ax[1].set_title(title); fig.tight_layout()
-    with atomic_path(path) as tmp: fig.savefig(tmp, format='png', dpi=110)
-    plt.close(fig)
-    return Path(path)
+    "Training loss and the validation `metric` against step (`qclip.core.plot_curves`)."
+    return plot_curves(rows, path, [metric], title)
 
 def _run(p:dict, task:str)->dict:
     dev, out = _device(p['device']), Path(p['out_dir'])
@@ -439,7 +424,7 @@ def _run(p:dict, task:str)->dict:
     for x, y in loader:
         lr = cosine_lr(step, p['lr'], p['warmup'], p['steps'], p['min_lr'])
         for g in opt.param_groups: g['lr'] = lr * g['lr_scale']
-        _fault(step)
+        _fault(0, step)  # QCLIP_FAIL_AT=0:step, as in pretraining
         torch.manual_seed(_mix(p['seed'], step, 3))  # stochastic depth draws: a function of the step
         x, y = norm(x.to(dev, non_blocking=True)), y.to(dev, non_blocking=True)
         with autocast(dev, p['precision']): loss = loss_fn(model, x, y)

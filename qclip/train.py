@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 from timm.utils import ModelEmaV3
 from fastcore.script import call_parse, Param
 from .core import (check_choice, check_positive, seed_everything, save_checkpoint, load_checkpoint,
-                        atomic_write_text, atomic_path, MetricsLog, run_lock, yaml_value)
+                        atomic_write_text, atomic_path, MetricsLog, run_lock, yaml_value, plot_curves)
 from .loss import ClipLoss, DistillClipLoss, clamp_logit_scale_
 from .models import CLIP_MODELS, create_clip, get_tokenizer, save_weights
 from .data.shards import (DATASETS, ShardStream, make_loader, find_shards, find_sources, check_caption_source, train_transform,
@@ -175,24 +175,10 @@ def _fault(rank:int, step:int):
         raise RuntimeError(f'injected failure on rank {rank} at step {step} (QCLIP_FAIL_AT)')
 
 def plot_metrics(rows:list[dict], path)->Path|None:
-    "Loss and retrieval R@1 against step, side by side (seaborn)."
-    import matplotlib; matplotlib.use('Agg')
-    import matplotlib.pyplot as plt, seaborn as sns, pandas as pd
-    df = pd.DataFrame(rows)
-    if df.empty or 'loss' not in df: return None
-    sns.set_theme(style='whitegrid')
-    fig, ax = plt.subplots(1, 2, figsize=(10, 3.6))
-    sns.lineplot(df.dropna(subset=['loss']), x='step', y='loss', ax=ax[0]); ax[0].set_title('training loss (eq. 1, summed over captions)')
-    ev = df.dropna(subset=['val_i2t_r1']) if 'val_i2t_r1' in df else pd.DataFrame()
-    if len(ev):
-        long = ev.melt(id_vars='step', value_vars=['val_i2t_r1', 'val_t2i_r1'], var_name='direction', value_name='R@1')
-        sns.lineplot(long, x='step', y='R@1', hue='direction', marker='o', ax=ax[1])
-        ax[1].axhline(1 / ev['val_n'].iloc[-1], ls='--', c='grey', label='chance'); ax[1].legend()
-    ax[1].set_title('held-out retrieval R@1')
-    fig.tight_layout()
-    with atomic_path(path) as tmp: fig.savefig(tmp, format='png', dpi=110)
-    plt.close(fig)
-    return Path(path)
+    "Loss and retrieval R@1 against step, side by side (`qclip.core.plot_curves`)."
+    n = next((r['val_n'] for r in rows[::-1] if 'val_n' in r), None)
+    return plot_curves(rows, path, ['val_i2t_r1', 'val_t2i_r1'], 'held-out retrieval R@1',
+                       'training loss (eq. 1, summed over captions)', chance=1 / n if n else None)
 
 # %% ../nbs/06_train.ipynb #8691b2d3
 class BadTally:

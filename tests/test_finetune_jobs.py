@@ -86,7 +86,7 @@ def test_killed_depth_run_resumes_exactly(tmp_path, monkeypatch):
     kw = dict(TINY, log_every=1, synth_n=16, synth_val=8, drop_path=0.2)
     a = finetune_depth(**kw, out_dir=tmp_path/'a')
     monkeypatch.setenv('QCLIP_FAIL_AT', '0:3')
-    with pytest.raises(RuntimeError, match='injected failure at step 3'): finetune_depth(**kw, out_dir=tmp_path/'b')
+    with pytest.raises(RuntimeError, match='injected failure on rank 0 at step 3'): finetune_depth(**kw, out_dir=tmp_path/'b')
     monkeypatch.delenv('QCLIP_FAIL_AT')
     assert load_checkpoint(tmp_path/'b'/'checkpoint.pt')['step'] == 2 and not (tmp_path/'b'/'results.json').exists()
     b = finetune_depth(**kw, out_dir=tmp_path/'b')
