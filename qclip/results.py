@@ -177,7 +177,7 @@ def _fmt(m, lo, hi, col)->str:
 def verdicts(long:pd.DataFrame, pre:pd.DataFrame|None=None, level:float=0.95)->pd.DataFrame:
     "Per column: each pair's paired difference with its interval, and the verdict on the paper's ordering."
     pre = precondition(long, level=level) if pre is None else pre
-    ok = dict(zip(pre.column, pre.measurable)) if len(pre) else {}
+    ok = {c: None if pd.isna(m) else bool(m) for c, m in zip(pre.column, pre.measurable)} if len(pre) else {}
     out = []
     for col in dict.fromkeys(long.column):
         w = _by_seed(long, col)
@@ -191,6 +191,7 @@ def verdicts(long:pd.DataFrame, pre:pd.DataFrame|None=None, level:float=0.95)->p
         adj = [ci[p] for p in PAIRS[:2]]
         against = [f"{a} above {b}" for (a, b), (m, lo, hi, n) in ci.items() if pd.notna(hi) and hi < 0]
         if ok.get(col) is False: v = 'not measurable at this scale (smoke test): pretraining does not beat random init'
+        elif ok.get(col) is not True: v = 'not ranked: run on one seed (a smoke test)'
         elif against: v = 'contradicts the paper: ' + ', '.join(against)
         elif all(pd.notna(lo) and lo > 0 for _, lo, _, _ in adj): v = "reproduces the paper's ordering"
         else:
