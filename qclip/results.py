@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np, pandas as pd, yaml
 
 # %% auto #0
-__all__ = ['PAPER_TABLE1', 'TABLE1_COLUMNS', 'LOWER_IS_BETTER', 'DATASET_ROWS', 'PAPER_ORDER', 'RANDOM_ROW', 'PAIRS', 'row_name',
-           'collect_runs', 'table1_long', 'table1', 't_quantile', 'paired_ci', 'precondition', 'verdicts',
+__all__ = ['PAPER_TABLE1', 'TABLE1_COLUMNS', 'LOWER_IS_BETTER', 'DATASET_ROWS', 'PAPER_ORDER', 'TASKS', 'RANDOM_ROW', 'PAIRS',
+           'row_name', 'collect_runs', 'table1_long', 'table1', 't_quantile', 'paired_ci', 'precondition', 'verdicts',
            'task_verdicts', 'side_by_side', 'plot_table1', 'plot_intervals', 'scaling', 'plot_scaling',
            'attention_runs', 'short_name', 'plot_attention']
 
@@ -29,7 +29,7 @@ TABLE1_COLUMNS = pd.DataFrame([  # where each column of our Table 1 comes from: 
     ('finetune', 'top1', 'IN-1K F.T.', 'IN-1K F.T.', 'classification', 'fine-tune'),
     ('probes', 'linear_object', 'Linear probe', 'IN-1K Linear', 'classification', 'frozen probe'),
     ('probes', 'zeroshot_object', 'Zero-shot', '', 'classification', 'frozen, text tower'),
-    ('probes', 'retrieval_r1', 'Retrieval R@1', '', 'retrieval', 'frozen, text tower'),
+    ('probes', 'retrieval_r1', 'Retrieval R@1', '', 'alignment', 'frozen, text tower'),
     ('detection', 'bbox_mAP', 'BBox', 'BBox', 'detection', 'fine-tune'),
     ('detection', 'segm_mAP', 'Mask', 'Mask', 'detection', 'fine-tune'),
     ('segmentation', 'mIoU', 'mIoU', 'mIoU', 'segmentation', 'fine-tune'),
@@ -42,6 +42,7 @@ LOWER_IS_BETTER = {'RMSE', 'Depth probe RMSE'}
 DATASET_ROWS = {'synth-align': 'ALIGN', 'align': 'ALIGN', 'synth-datacomp': 'DataComp', 'datacomp': 'DataComp',
                 'synth-datacompdr': 'DataCompDR', 'datacompdr': 'DataCompDR', 'wit': 'OpenAI-WIT'}
 PAPER_ORDER = ('ALIGN', 'DataComp', 'DataCompDR')  # caption quality, worst to best: the order of every column of Table 1
+TASKS = ('classification', 'detection', 'segmentation', 'depth')  # the paper's downstream tasks ('alignment': the pretraining task)
 RANDOM_ROW = 'random init'  # an encoder from a 0-step pretraining run: the floor the paper's rows are measured against
 
 def row_name(dataset, steps=None)->str:
