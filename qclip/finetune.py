@@ -32,19 +32,20 @@ __all__ = ['SYNTH_LABELS', 'IMAGENET_LAYOUT', 'NYU_LAYOUT', 'CLS_DEFAULTS', 'DEP
 SYNTH_LABELS = {'shape': list(SHAPES), 'colour': list(COLOURS), 'object': [f'{c} {s}' for s in SHAPES for c in COLOURS]}
 
 def synth_arrays(name:str, split:str='train', n:int=2048, size:int=64, seed:int=0)->dict:
-    "Images uint8 [N, 3, S, S], the main object's shape / colour / object ids [N], depth in metres [N, 1, S, S], semantic ids [N, S, S]."
-    imgs, cls, colour, depth, seg, syn = [], [], [], [], [], []
+    "Images uint8 [N, 3, S, S], the main object's shape / colour / object ids [N], depth in metres [N, 1, S, S], semantic and instance ids [N, S, S]."
+    imgs, cls, colour, depth, seg, inst, syn = [], [], [], [], [], [], []
     for url in synth_shards(name, split, n=n, size=size, seed=seed):
         for s in read_tar(url, BadCounter(what=f'dataset={name!r}')):
             imgs.append(np.asarray(Image.open(io.BytesIO(s['jpg'])).convert('RGB')))
             main = max(json.loads(s['json'])['objects'], key=lambda o: o['visible_area'])  # as qclip.data.synth.main_object
             cls.append(int(s['cls'])); colour.append(list(COLOURS).index(main['colour']))
             depth.append(decode_dense('depth.png', s['depth.png'])); seg.append(decode_dense('seg.png', s['seg.png']))
+            inst.append(decode_dense('inst.png', s['inst.png']))
             if 'syn.json' in s: syn.append(json.loads(s['syn.json'])['syn_text'][0])
     cls, colour = torch.tensor(cls), torch.tensor(colour)
     return dict(images=torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).contiguous(), cls=cls, shape=cls, colour=colour,
                 object=cls * len(COLOURS) + colour, depth=torch.from_numpy(np.stack(depth))[:, None],
-                seg=torch.from_numpy(np.stack(seg)), syn=syn)
+                seg=torch.from_numpy(np.stack(seg)), inst=torch.from_numpy(np.stack(inst)), syn=syn)
 
 # %% ../nbs/08a_finetune.ipynb #ae386380
 def _rng(seed:int)->random.Random: return random.Random(seed)

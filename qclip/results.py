@@ -32,6 +32,7 @@ TABLE1_COLUMNS = pd.DataFrame([  # where each column of our Table 1 comes from: 
     ('probes', 'retrieval_r1', 'Retrieval R@1', '', 'alignment', 'frozen, text tower'),
     ('detection', 'bbox_mAP', 'BBox', 'BBox', 'detection', 'fine-tune'),
     ('detection', 'segm_mAP', 'Mask', 'Mask', 'detection', 'fine-tune'),
+    ('probes', 'box_AP', 'Box probe AP', 'BBox', 'detection', 'frozen probe'),
     ('segmentation', 'mIoU', 'mIoU', 'mIoU', 'segmentation', 'fine-tune'),
     ('segmentation', 'mAcc', 'mAcc', 'mAcc', 'segmentation', 'fine-tune'),
     ('probes', 'seg_mIoU', 'Seg. probe mIoU', 'mIoU', 'segmentation', 'frozen probe'),
