@@ -41,8 +41,9 @@ pretrain: $(STAMP)
 	mkdir -p $(RUNS)/pretrain
 	$(BIN)/papermill nbs/10_pretrain.ipynb $(RUNS)/pretrain/10_pretrain.ipynb -p out_dir $(abspath $(RUNS))/pretrain $(ARGS)
 
-# Table 1 at CPU scale: pretrain on the three caption qualities (2 seeds, and random init as the floor), fine-tune each
-# encoder on the four tasks, then the results page (our table beside the paper's). Rerunning skips finished runs.
+# Table 1 at CPU scale: pretrain on the three caption qualities (3 seeds, and random init of the same seeds as the floor),
+# read every encoder out frozen on the four tasks (probes), fine-tune seed 0 of each row (smoke tests), then the results
+# page (our table beside the paper's, with paired intervals and a verdict per task). Rerunning skips finished runs.
 reproduce: $(MM_STAMP)
 	$(BIN)/qclip run experiments/table1.yaml --profile small --jobs $(JOBS)
 	$(BIN)/qclip run experiments/fig3.yaml --profile small --only attention

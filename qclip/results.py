@@ -192,7 +192,7 @@ def verdicts(long:pd.DataFrame, pre:pd.DataFrame|None=None, level:float=0.95)->p
             row[f'{b} - {a}'] = _fmt(*ci[a, b][:3], col)
         adj = [ci[p] for p in PAIRS[:2]]
         against = [f"{a} above {b}" for (a, b), (m, lo, hi, n) in ci.items() if pd.notna(hi) and hi < 0]
-        if ok.get(col) is False: v = 'not measurable at this scale (smoke test): pretraining does not beat random init'
+        if ok.get(col) is False: v = 'not measurable at this scale: pretraining does not beat random init'
         elif ok.get(col) is not True: v = 'not ranked: run on one seed (a smoke test)'
         elif against: v = 'contradicts the paper: ' + ', '.join(against)
         elif all(pd.notna(lo) and lo > 0 for _, lo, _, _ in adj): v = "reproduces the paper's ordering"
