@@ -174,7 +174,20 @@ def depth_probe(
     return {k: v for k, v in m.items() if k != 'n'} | {'lam': lam}
 
 # %% ../nbs/08c_probes.ipynb #de8d5640
-COCO_IOUS = torch.linspace(0.5, 0.95, 10)  # COCO's IoU thresholds
+COCO_IOUS = np.linspace(0.5, 0.95, 10)  # COCO's IoU thresholds (float64, as pycocotools builds them)
+
+def _match(iou:np.ndarray)->np.ndarray:
+    "[T, D] true positives of detections (rows of `iou`, best score first) matched greedily to ground truth, per threshold."
+    D, G = iou.shape; T = len(COCO_IOUS)
+    tp, free = np.zeros((T, D), bool), np.ones((T, G), bool)
+    if G == 0: return tp
+    thr, t = np.minimum(COCO_IOUS, 1 - 1e-10)[:, None], np.arange(T)
+    for d in range(D):
+        c = np.where(free & (iou[d] >= thr), iou[d], -1.0)
+        m = G - 1 - c[:, ::-1].argmax(1)  # the highest IoU, the last of ties (as COCOeval)
+        hit = c[t, m] >= 0
+        tp[hit, d] = True; free[t[hit], m[hit]] = False
+    return tp
 
 def box_ap(
     dets:list,          # per image: (boxes [k, 4] x0 y0 x1 y1, scores [k])
@@ -185,26 +198,19 @@ def box_ap(
     from torchvision.ops import box_iou
     scores, tps, n_gt = [], [], sum(len(g) for g in gts)
     for (b, s), g in zip(dets, gts):
-        o = torch.sort(-s, stable=True).indices[:max_dets]; b, s = b[o], s[o]
-        iou, tp = box_iou(b.double(), g.double()), torch.zeros(len(COCO_IOUS), len(b), dtype=torch.bool)
-        for t, thr in enumerate(COCO_IOUS.double().tolist()):
-            free = torch.ones(len(g), dtype=torch.bool)
-            for d in range(len(b)):
-                cand = torch.where(free & (iou[d] >= min(thr, 1 - 1e-10)), iou[d], torch.tensor(-1.0, dtype=torch.float64))
-                if len(g) and cand.max() >= 0:
-                    m = len(g) - 1 - int(cand.flip(0).argmax()); free[m] = False; tp[t, d] = True  # ties: the last (as COCOeval)
-        scores.append(s); tps.append(tp)
-    o = torch.sort(-torch.cat(scores), stable=True).indices
-    tp = torch.cat(tps, 1)[:, o].double(); ctp, cfp = tp.cumsum(1), (1 - tp).cumsum(1)
+        o = torch.sort(-torch.as_tensor(s, dtype=torch.float64), stable=True).indices[:max_dets]
+        b, s = torch.as_tensor(b, dtype=torch.float64)[o], torch.as_tensor(s, dtype=torch.float64)[o]
+        tps.append(_match(box_iou(b, torch.as_tensor(g, dtype=torch.float64)).numpy())); scores.append(s.numpy())
+    o = np.argsort(-np.concatenate(scores), kind='mergesort')
+    tp = np.concatenate(tps, 1)[:, o]; ctp, cfp = tp.cumsum(1), (~tp).cumsum(1)
     rc, pr = ctp / max(n_gt, 1), ctp / (ctp + cfp + np.spacing(1))
-    pr = pr.flip(1).cummax(1).values.flip(1)  # the precision envelope
-    rec = torch.linspace(0, 1, 101, dtype=torch.float64)
-    q = torch.zeros(len(COCO_IOUS), 101, dtype=torch.float64)
+    pr = np.flip(np.maximum.accumulate(np.flip(pr, 1), 1), 1)  # the precision envelope
+    q = np.zeros((len(COCO_IOUS), 101))
     for t in range(len(COCO_IOUS)):
-        i = torch.searchsorted(rc[t].contiguous(), rec, side='left'); ok = i < tp.shape[1]
+        i = np.searchsorted(rc[t], np.linspace(0, 1, 101), side='left'); ok = i < tp.shape[1]
         q[t, ok] = pr[t, i[ok]]
     ap = q.mean(1) * 100
-    return dict(AP=ap.mean().item(), AP50=ap[0].item(), AP75=ap[5].item())
+    return dict(AP=float(ap.mean()), AP50=float(ap[0]), AP75=float(ap[5]))
 
 # %% ../nbs/08c_probes.ipynb #a13c89a0
 def box_targets(
