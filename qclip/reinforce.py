@@ -19,11 +19,11 @@ from .distributed import init_distributed, launch, launch_request, rank_world, b
 
 # %% auto #0
 __all__ = ['COCA_CONFIGS', 'COCA_MODELS', 'SOT', 'EOT', 'PAD', 'DECODINGS', 'TEACHER_SLOT', 'TEACHER_SLOTS',
-           'COCA_TRAIN_DEFAULTS', 'REINFORCE_DEFAULTS', 'register_coca_configs', 'create_coca', 'decode_captions',
-           'CaptionDecoder', 'candidates', 'sample_tokens', 'caption_images', 'parse_teachers', 'load_teacher',
-           'teacher_layout', 'aug_boxes', 'teacher_embeddings', 'npz_bytes', 'train_coca', 'check_reinforce_params',
-           'shard_seed', 'sample_uid', 'Captioner', 'reinforce_shard', 'reinforce_tasks', 'reinforce', 'examples',
-           'plot_examples', 'cli']
+           'COCA_TRAIN_DEFAULTS', 'REINFORCE_DEFAULTS', 'register_coca_configs', 'init_decoder', 'create_coca',
+           'decode_captions', 'CaptionDecoder', 'candidates', 'sample_tokens', 'caption_images', 'parse_teachers',
+           'load_teacher', 'teacher_layout', 'aug_boxes', 'teacher_embeddings', 'npz_bytes', 'train_coca',
+           'check_reinforce_params', 'shard_seed', 'sample_uid', 'Captioner', 'reinforce_shard', 'reinforce_tasks',
+           'reinforce', 'examples', 'plot_examples', 'cli']
 
 # %% ../nbs/09a_reinforce.ipynb #041d6ba3
 _TINY_TXT = dict(context_length=32, vocab_size=49408, width=128, heads=2, layers=3)
@@ -49,6 +49,15 @@ COCA_MODELS.update({
     'tiny-coca': 'CPU-sized CoCa (64 px ViT 6x128, text and decoder 3x128): tests and the small Table 2 loop',
 })
 
+@torch.no_grad()
+def init_decoder(dec:nn.Module):
+    "open_clip's intended initialisation of a CoCa text decoder (`MultimodalTransformer.init_parameters`, written for its real attributes)."
+    proj_std, attn_std, fc_std = (dec.width ** -0.5) * ((2 * dec.layers) ** -0.5), dec.width ** -0.5, (2 * dec.width) ** -0.5
+    for block in [*dec.resblocks, *dec.cross_attn]:
+        nn.init.normal_(block.attn.in_proj_weight, std=attn_std); nn.init.normal_(block.attn.out_proj.weight, std=proj_std)
+        nn.init.normal_(block.mlp.c_fc.weight, std=fc_std); nn.init.normal_(block.mlp.c_proj.weight, std=proj_std)
+    nn.init.normal_(dec.text_projection, std=dec.width ** -0.5)
+
 def create_coca(
     name:str,                      # a name in `COCA_MODELS`
     pretrained:str|Path|None=None, # local weights: .safetensors, or a state dict .pt/.bin (never a pickle with code)
@@ -63,6 +72,7 @@ def create_coca(
     logging.getLogger().disabled, prev = True, logging.getLogger().disabled  # open_clip warns about random init
     try: model = open_clip.create_model(name, pretrained=str(pretrained) if pretrained else None, device=device)
     finally: logging.getLogger().disabled = prev
+    if not pretrained: init_decoder(model.text_decoder)
     return model.eval()
 
 # %% ../nbs/09a_reinforce.ipynb #2b29a200
