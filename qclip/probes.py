@@ -213,6 +213,10 @@ def box_ap(
     return dict(AP=float(ap.mean()), AP50=float(ap[0]), AP75=float(ap[5]))
 
 # %% ../nbs/08c_probes.ipynb #a13c89a0
+def _centres(grid:tuple, size:tuple)->tuple[Tensor, Tensor]:
+    "Pixel coordinates (y [h], x [w]) of the patch centres of a `grid` (h, w) laid on an image of `size` (H, W)."
+    return tuple((torch.arange(n) + 0.5) * S / n for n, S in zip(grid, size))
+
 def box_targets(
     inst:Tensor,  # instance maps [N, H, W]: 0 none, i for object i (visible pixels)
     grid:tuple,   # (h, w) patches
@@ -227,7 +231,7 @@ def box_targets(
     present = cols.any(-1)
     main = shares[:, 1:].argmax(1)  # [N, h, w]: the object holding most of each patch
     b = torch.gather(box, 1, main.flatten(1)[..., None].expand(-1, -1, 4)).reshape(N, *grid, 4)
-    cy, cx = [(torch.arange(n) + 0.5) * S / n for n, S in zip(grid, (H, W))]
+    cy, cx = _centres(grid, (H, W))
     dist = torch.stack([cx[None, None] - b[..., 0], cy[None, :, None] - b[..., 1], b[..., 2] - cx[None, None], b[..., 3] - cy[None, :, None]], 1)
     dist = dist / torch.tensor([W, H, W, H]).view(1, 4, 1, 1)
     return 1 - shares[:, :1], dist, [box[i, present[i]] for i in range(N)]
@@ -241,7 +245,7 @@ def box_probe(
     nms_iou:float=0.5,
 )->dict:                        # {'AP', 'AP50', 'AP75' (%), 'lam_obj', 'lam_box'}
     "Class-agnostic box AP of linear maps from frozen patch tokens to objectness and box distances (a linear FCOS probe)."
-    from torchvision.ops import nms
+    from torchvision.ops import nms, clip_boxes_to_image
     hw, (H, W) = Mtr.shape[-2:], insttr.shape[-2:]
     Xtr, Xva = standardize(_rows(Mtr), _rows(Mva))
     obj, dist, _ = box_targets(insttr, hw)
@@ -252,10 +256,10 @@ def box_probe(
     (Wd, bd), lam_d, _ = select(fit, neg_mse, Xtr[fg], _rows(dist)[fg], grid, seed, groups[fg])
     score = (Xva @ Wo + bo).reshape(len(Mva), -1)
     d = (Xva @ Wd + bd).reshape(len(Mva), -1, 4) * torch.tensor([W, H, W, H])
-    cy, cx = [((torch.arange(n) + 0.5) * S / n) for n, S in zip(hw, (H, W))]
+    cy, cx = _centres(hw, (H, W))
     cx, cy = cx.repeat(hw[0]), cy.repeat_interleave(hw[1])
     boxes = torch.stack([cx - d[..., 0], cy - d[..., 1], cx + d[..., 2], cy + d[..., 3]], -1)
-    boxes = torch.cat([boxes[..., 0::2].clamp(0, W), boxes[..., 1::2].clamp(0, H)], -1)[..., [0, 2, 1, 3]]
+    boxes = clip_boxes_to_image(boxes, (H, W))
     dets = []
     for b, s in zip(boxes, score):
         ok = (b[:, 2] > b[:, 0]) & (b[:, 3] > b[:, 1]); b, s = b[ok], s[ok]
