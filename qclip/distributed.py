@@ -11,11 +11,13 @@ from typing import Callable, Mapping
 import torch, torch.nn as nn
 import torch.distributed as dist
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+from .core import run_lock
 
 # %% auto #0
 __all__ = ['LAUNCH_ENV', 'first_host', 'dist_env', 'rank_world', 'init_distributed', 'barrier', 'all_reduce_mean', 'unwrap',
            'spawnable', 'RankFailedError', 'launch', 'probe', 'CommCounter', 'launch_request', 'requested_world_size',
-           'fsdp_wrap', 'is_fsdp', 'clip_grad_norm_', 'full_state', 'load_full_state']
+           'run_job', 'sum_ranks', 'GlobalBatchNorm2d', 'global_batchnorm', 'fsdp_wrap', 'is_fsdp', 'clip_grad_norm_',
+           'full_state', 'load_full_state']
 
 # %% ../nbs/07_distributed.ipynb #eea82678
 def first_host(nodelist:str)->str:
@@ -212,6 +214,59 @@ def requested_world_size(env:Mapping[str, str]|None=None)->int:
     "World size the job will run at: a launch request's, else the environment's."
     req = launch_request(env)
     return req.get('nproc_per_node', 1) * req.get('nnodes', 1) if req else dist_env(env)['world_size']
+
+# %% ../nbs/07_distributed.ipynb #f5807bdd
+def run_job(
+    job:Callable,                 # the package-level job function (e.g. qclip.train.pretrain); spawned ranks call it again
+    params:dict,                  # its checked keyword arguments, with `out_dir`
+    body:Callable[[dict], object],# what each rank runs inside the process group: body(params)
+):
+    "One job on the processes it was asked for: `out_dir`'s run lock, then `launch` (rank 0's result) or `body` here."
+    out = Path(params['out_dir'])
+    with run_lock(out):  # one job per out_dir: rank 0 or the launcher holds it; ranks inherit it
+        if (req := launch_request()) is not None:  # `qclip launch` asked for N processes: run there, rank 0's result back
+            print(f"launching {req.get('nnodes', 1)} node(s) x {req['nproc_per_node']} processes; "
+                  f"every rank's log also in {out}/logs", flush=True)
+            return launch(job, params, log_dir=out/'logs', **req)
+        created = init_distributed()  # torchrun / SLURM / submitit environment: join its process group
+        try: return body(params)
+        finally:
+            if created and dist.is_initialized(): dist.destroy_process_group()
+
+# %% ../nbs/07_distributed.ipynb #ef4a1188
+class _SumRanks(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, t):
+        t = t.clone(); dist.all_reduce(t); return t
+    @staticmethod
+    def backward(ctx, g):  # every rank's loss holds every rank's share: their gradients add up
+        g = g.clone(); dist.all_reduce(g); return g
+
+def sum_ranks(t:torch.Tensor)->torch.Tensor:
+    "`t` summed over the ranks, differentiably (the backward sums the gradients too); `t` itself on one process."
+    return _SumRanks.apply(t) if rank_world()[1] > 1 else t
+
+class GlobalBatchNorm2d(nn.BatchNorm2d):
+    "`nn.BatchNorm2d` whose training statistics are the global batch's (all ranks), on any backend."
+    def forward(self, x:torch.Tensor)->torch.Tensor:
+        if not (self.training and rank_world()[1] > 1): return super().forward(x)
+        dims, shape = (0, 2, 3), (1, -1, 1, 1)
+        n = sum_ranks(x.new_tensor([x.numel() / x.shape[1]]))
+        mean = sum_ranks(x.sum(dims)) / n
+        var = sum_ranks((x - mean.view(shape)).square().sum(dims)) / n
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked += 1
+                m = self.momentum if self.momentum is not None else 1 / self.num_batches_tracked.item()
+                self.running_mean.lerp_(mean.detach(), m); self.running_var.lerp_(var.detach() * n / (n - 1).clamp_min(1), m)
+        y = (x - mean.view(shape)) / (var.view(shape) + self.eps).sqrt()
+        return y * self.weight.view(shape) + self.bias.view(shape) if self.affine else y
+
+def global_batchnorm(model:nn.Module)->nn.Module:
+    "Every `nn.BatchNorm2d` of `model` becomes a `GlobalBatchNorm2d` in place (same state, same keys)."
+    for m in model.modules():
+        if type(m) is nn.BatchNorm2d: m.__class__ = GlobalBatchNorm2d
+    return model
 
 # %% ../nbs/07_distributed.ipynb #ebd36159
 def _units(model:nn.Module)->list[nn.Module]:

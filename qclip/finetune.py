@@ -8,7 +8,9 @@ import io, json, math, os, random, sys, time, zlib
 from pathlib import Path
 import numpy as np, torch, torch.nn as nn, torch.nn.functional as F, yaml
 from PIL import Image
-from torch.utils.data import Dataset, DataLoader, Sampler
+from torch.utils.data import Dataset, DataLoader, Sampler, Subset
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm.auto import tqdm
 from timm.utils import ModelEmaV3
 from .core import (check_choice, check_positive, seed_everything, save_checkpoint, load_checkpoint, atomic_write_text,
@@ -18,6 +20,7 @@ from .data.synth import SYNTH_DATASETS, SHAPES, COLOURS, synth_shards, decode_de
 from .data.shards import read_tar, BadCounter, data_root_of
 from .data.augment import rrc_box, crop_resize, open_image, normalize_batch, MEAN, STD
 from .train import cosine_lr, autocast, _device, _fault
+from .distributed import run_job, rank_world, all_reduce_mean, barrier, global_batchnorm
 from .heads import (load_encoder, is_arch, set_img_size, set_drop_path, vit_input_size, DenseEncoder, DepthModel,
                          Classifier, layer_decay_groups, SiLogLoss, depth_metrics, flip_tta, shift_window, DEPTH_METRICS)
 
@@ -61,13 +64,22 @@ def cls_view(img, size:int, seed:int|None, scale=(0.08, 1.0))->torch.Tensor:
     x = crop_resize(pil, rrc_box(W, H, rng, scale), size)
     return x.flip(-1) if rng.random() < 0.5 else x
 
-def depth_view(img:torch.Tensor, depth:torch.Tensor, crop:int|None, seed:int|None)->tuple[torch.Tensor, torch.Tensor]:
-    "uint8 [3, H, W] and depth [1, H, W] -> a random `crop` x `crop` window, flipped half the time (training), or as is."
+def depth_view(
+    img:torch.Tensor,         # uint8 [3, H, W]
+    depth:torch.Tensor,       # metres [1, H, W]; 0 = no measurement
+    crop:int|None,            # output side; None = the image's shorter side
+    seed:int|None,            # augmentation seed; None = evaluation (returned as is)
+    rrc_min:float=1.0,        # smallest area of the random square, as a share of the largest square's
+)->tuple[torch.Tensor, torch.Tensor]:
+    "A random square resized to `crop` x `crop` (depth divided by the zoom), flipped half the time; as is without `seed`."
     if seed is None: return img, depth
     rng, (H, W) = _rng(seed), img.shape[-2:]
-    if crop and (crop < H or crop < W):
-        t, l = rng.randint(0, H - min(crop, H)), rng.randint(0, W - min(crop, W))
-        img, depth = img[:, t:t + crop, l:l + crop], depth[:, t:t + crop, l:l + crop]
+    out, side = crop or min(H, W), max(1, round(min(H, W) * math.sqrt(rng.uniform(rrc_min, 1.0))))
+    t, l = rng.randint(0, H - side), rng.randint(0, W - side)
+    img, depth = img[:, t:t + side, l:l + side], depth[:, t:t + side, l:l + side]
+    if side != out:  # zoom by k = out / side: the scene looks k times closer
+        img = F.interpolate(img[None].float(), size=(out, out), mode='bilinear', antialias=True)[0].round().clamp(0, 255).byte()
+        depth = F.interpolate(depth[None], size=(out, out), mode='nearest')[0] * (side / out)
     return (img.flip(-1), depth.flip(-1)) if rng.random() < 0.5 else (img, depth)
 
 # %% ../nbs/08a_finetune.ipynb #39fe5e62
@@ -131,22 +143,22 @@ class FolderCls(Dataset):
 
 class SynthDepth(Dataset):
     "Built-in scenes -> (uint8 image, depth in metres [1, H, W])."
-    def __init__(self, arrays:dict, crop:int|None=None): self.a, self.crop = arrays, crop
+    def __init__(self, arrays:dict, crop:int|None=None, rrc_min:float=1.0): self.a, self.crop, self.rrc_min = arrays, crop, rrc_min
     def __len__(self): return len(self.a['images'])
     def __getitem__(self, i):
         i, seed = i if isinstance(i, tuple) else (i, None)
-        return depth_view(self.a['images'][i], self.a['depth'][i], self.crop, seed)
+        return depth_view(self.a['images'][i], self.a['depth'][i], self.crop, seed, self.rrc_min)
 
 class NYUDepth(Dataset):
     "NYUv2 (BTS/GLPDepth layout) -> (uint8 image [3, 480, 640], depth in metres [1, 480, 640]; 0 = no measurement)."
-    def __init__(self, pairs:list, crop:int|None=None): self.pairs, self.crop = pairs, crop
+    def __init__(self, pairs:list, crop:int|None=None, rrc_min:float=1.0): self.pairs, self.crop, self.rrc_min = pairs, crop, rrc_min
     def __len__(self): return len(self.pairs)
     def __getitem__(self, i):
         i, seed = i if isinstance(i, tuple) else (i, None)
         a, b = self.pairs[i]
         img = torch.from_numpy(np.asarray(Image.open(a).convert('RGB')).copy()).permute(2, 0, 1)
         depth = torch.from_numpy(np.asarray(Image.open(b)).astype(np.float32) / 1000)[None]
-        return depth_view(img, depth, self.crop, seed)
+        return depth_view(img, depth, self.crop, seed, self.rrc_min)
 
 # %% ../nbs/08a_finetune.ipynb #efb1c911
 def fake_imagenet(root, classes=('n01440764', 'n01443537', 'n01484850'), per=4, size=40):
@@ -180,16 +192,17 @@ def fake_nyuv2(root, scenes=('bedroom_0001', 'kitchen_0002'), per=3, h=48, w=64,
 def _mix(*xs:int)->int: return zlib.crc32(np.array(xs, dtype=np.int64).tobytes()) | (xs[0] % 1024) << 32
 
 class StepBatches(Sampler):
-    "Batches `[(index, aug seed)] * batch_size` for steps `start..steps-1`, a pure function of (seed, step)."
-    def __init__(self, n:int, batch_size:int, seed:int, start:int, steps:int):
-        self.n, self.bs, self.seed, self.start, self.steps = n, batch_size, seed, start, steps
+    "This rank's `[(index, aug seed)] * batch_size` of the global batch (`batch_size` x `world`) of steps `start..steps-1`."
+    def __init__(self, n:int, batch_size:int, seed:int, start:int, steps:int, rank:int=0, world:int=1):
+        self.n, self.bs, self.seed, self.start, self.steps, self.rank, self.world = n, batch_size, seed, start, steps, rank, world
         self._perm = {}
     def _order(self, epoch:int):
         if epoch not in self._perm:
             self._perm = {epoch: torch.randperm(self.n, generator=torch.Generator().manual_seed(_mix(self.seed, epoch, 1)))}
         return self._perm[epoch]
     def batch(self, step:int)->list[tuple[int, int]]:
-        return [(int(self._order(q // self.n)[q % self.n]), _mix(self.seed, q, 2)) for q in range(step * self.bs, (step + 1) * self.bs)]
+        q0 = (step * self.world + self.rank) * self.bs  # this rank's slice of the global batch's positions
+        return [(int(self._order(q // self.n)[q % self.n]), _mix(self.seed, q, 2)) for q in range(q0, q0 + self.bs)]
     def __iter__(self): return (self.batch(t) for t in range(self.start, self.steps))
     def __len__(self): return self.steps - self.start
 
@@ -200,7 +213,7 @@ _COMMON = dict(
     dataset='synth-datacompdr',  # built-in scenes (synth-*: same images, labels from the scene) or the real dataset
     data_root='',         # real datasets: the dataset folder; default $QCLIP_DATA/<dataset>
     img_size=0,           # input side; 0 = the dataset's (64 for the built-in scenes; 224 ImageNet, 480 NYUv2 crops)
-    batch_size=32,
+    batch_size=32,        # per process, as in pretraining: the global batch is batch_size x processes
     min_lr=1e-6, warmup=20,
     beta1=0.9, beta2=0.999,
     layer_decay=0.75,     # lr x decay^(L+1-layer) (layer_decay_groups); 1 = off
@@ -226,13 +239,14 @@ CLS_DEFAULTS = dict(_COMMON,
     out_dir='runs/classification')
 DEPTH_DEFAULTS = dict(_COMMON,
     steps=100,            # paper: 25 epochs of NYUv2 at batch 24
-    batch_size=16,        # paper: 24
+    batch_size=16,        # paper: 24 (global)
     eval_every=50,
     lr=1e-3,              # paper: swept over 7e-4, 5e-4, 2e-4, 1e-4
     weight_decay=0.05,    # paper: 0.05
     max_depth=10.0,       # NYUv2: 10 m (sigmoid * max_depth)
     min_depth=1e-3,       # evaluation range (NYUv2: 1e-3 .. 10 m)
     crop=0,               # training crop; 0 = the whole image (built-in) or 480 (NYUv2; paper: 480x480)
+    rrc_min=0.5,          # RandomResizedCrop (paper: RRC): the smallest square, share of the largest; 1 = fixed scale
     flip_test=True,       # average with the flipped image's prediction (paper setup: on)
     shifts=2,             # windows across a wide test image (NYUv2 640 px wide, crop 480)
     silog_lambda=0.5,     # GLPDepth / MIM-Depth-Estimation SiLogLoss
@@ -289,6 +303,8 @@ def check_depth_params(**params)->dict:
     "Depth defaults merged with `params`, each checked."
     p = _check(dict(params), DEPTH_DEFAULTS, DEPTH_DATASETS)
     p['crop'], p['shifts'] = check_positive('crop', p['crop'], allow_zero=True), check_positive('shifts', p['shifts'])
+    p['rrc_min'] = check_positive('rrc_min', p['rrc_min'], float)
+    if p['rrc_min'] > 1: raise ValueError(f"rrc_min={p['rrc_min']!r} is not valid; expected a share of the area in (0, 1]")
     for k in ['max_depth', 'min_depth']: p[k] = check_positive(k, p[k], float)
     if p['min_depth'] >= p['max_depth']: raise ValueError(f"min_depth={p['min_depth']} must be below max_depth={p['max_depth']}")
     if p['dataset'] == 'nyuv2':
@@ -332,10 +348,11 @@ def build_depth(p:dict):
     tower = load_encoder(p['encoder'], p['arch'] or None)
     if p['dataset'] == 'nyuv2':
         root = data_root_of('nyuv2', p['data_root']); crop = p['crop'] or 480
-        train, val = NYUDepth(nyu_samples(root, 'train'), crop), NYUDepth(nyu_samples(root, 'test'))
+        train, val = NYUDepth(nyu_samples(root, 'train'), crop, p['rrc_min']), NYUDepth(nyu_samples(root, 'test'))
     else:
         crop = p['crop'] or None
-        train, val = SynthDepth(synth_arrays(p['dataset'], 'train', p['synth_n']), crop), SynthDepth(synth_arrays(p['dataset'], 'val', p['synth_val']))
+        train = SynthDepth(synth_arrays(p['dataset'], 'train', p['synth_n']), crop, p['rrc_min'])
+        val = SynthDepth(synth_arrays(p['dataset'], 'val', p['synth_val']))
     size = crop or val[0][0].shape[-1]
     if p['img_size'] and p['img_size'] != size: raise ValueError(f"img_size={p['img_size']} differs from the training crop {size}; set crop instead")
     if vit_input_size(tower) not in (None, (size, size)): set_img_size(tower, size)
@@ -344,27 +361,41 @@ def build_depth(p:dict):
     return train, val, DepthModel(DenseEncoder(tower), p['max_depth']), norm, size
 
 # %% ../nbs/08a_finetune.ipynb #1ffe3247
+def _my_share(val:Dataset)->Dataset:
+    "Every W-th item of `val` from this rank's index on: the ranks together evaluate each item once."
+    rank, world = rank_world()
+    return val if world == 1 else Subset(val, range(rank, len(val), world))
+
+def _sum_ranks(*xs:float)->list[float]:
+    "Each of `xs` summed over the ranks (float64)."
+    t = torch.tensor(xs, dtype=torch.float64)
+    if rank_world()[1] > 1:
+        t = t.to('cuda' if dist.get_backend() == 'nccl' else 'cpu'); dist.all_reduce(t); t = t.cpu()
+    return t.tolist()
+
 @torch.no_grad()
 def eval_classification(model, val:Dataset, norm, dev, precision='fp32', batch_size:int=256, workers:int=0)->dict:
-    "Top-1/top-5 accuracy (%) and loss on `val`."
+    "Top-1/top-5 accuracy (%) and loss on `val` (shared among the ranks: every rank gets the whole set's numbers)."
     was = model.training; model.eval()
     n, c1, c5, loss = 0, 0, 0, 0.
-    for x, y in DataLoader(val, batch_size=batch_size, collate_fn=_collate, num_workers=workers):
+    for x, y in DataLoader(_my_share(val), batch_size=batch_size, collate_fn=_collate, num_workers=workers):
         with autocast(dev, precision): logits = model(norm(x.to(dev))).float()
         y = y.to(dev); top = logits.topk(min(5, logits.shape[1]), 1).indices
         c1 += (top[:, 0] == y).sum().item(); c5 += (top == y[:, None]).any(1).sum().item()
         loss += F.cross_entropy(logits, y, reduction='sum').item(); n += len(y)
     model.train(was)
-    return dict(top1=100 * c1 / n, top5=100 * c5 / n, val_loss=loss / n, val_n=n)
+    n, c1, c5, loss = _sum_ranks(n, c1, c5, loss)
+    return dict(top1=100 * c1 / n, top5=100 * c5 / n, val_loss=loss / n, val_n=int(n))
 
 @torch.no_grad()
 def eval_depth(model, val:Dataset, norm, dev, p:dict, window:int, precision='fp32', batch_size:int=32, workers:int=0)->dict:
-    "Depth metrics on `val`, averaged over images (flip test, shifted windows, Eigen crop on NYUv2)."
+    "Depth metrics on `val`, averaged over images (flip test, shifted windows, Eigen crop on NYUv2; shared among the ranks)."
     was = model.training; model.eval()
     sums, n = {k: 0. for k in DEPTH_METRICS}, 0
     def fn(x):
         with autocast(dev, precision): return model(x).float()
-    for x, g in DataLoader(val, batch_size=1 if p['dataset'] == 'nyuv2' else batch_size, collate_fn=_collate, num_workers=workers):
+    for x, g in DataLoader(_my_share(val), batch_size=1 if p['dataset'] == 'nyuv2' else batch_size, collate_fn=_collate,
+                           num_workers=workers):
         x = norm(x.to(dev))
         f = (lambda t: flip_tta(fn, t)) if p['flip_test'] else fn
         pred = shift_window(f, x, window, p['shifts'])
@@ -372,95 +403,115 @@ def eval_depth(model, val:Dataset, norm, dev, p:dict, window:int, precision='fp3
         for k in DEPTH_METRICS: sums[k] += m[k] * m['n']
         n += m['n']
     model.train(was)
-    return {**{k: v / max(n, 1) for k, v in sums.items()}, 'val_n': n}
+    *totals, n = _sum_ranks(*sums.values(), n)
+    return {**{k: v / max(n, 1) for k, v in zip(sums, totals)}, 'val_n': int(n)}
 
 # %% ../nbs/08a_finetune.ipynb #2a6ee9dc
-_RESUME_KEYS = ('encoder', 'arch', 'dataset', 'data_root', 'img_size', 'batch_size', 'seed', 'synth_n', 'mode', 'crop', 'drop_path')
+_RESUME_KEYS = ('encoder', 'arch', 'dataset', 'data_root', 'img_size', 'seed', 'synth_n', 'mode', 'crop', 'rrc_min', 'drop_path')  # + global batch
 
 def plot_finetune(rows:list[dict], path, metric:str, title:str)->Path|None:
     "Training loss and the validation `metric` against step (`qclip.core.plot_curves`)."
     return plot_curves(rows, path, [metric], title)
 
+def _resume(ck_path:Path, p:dict, task:str, world:int, dev)->dict|None:
+    "The checkpoint in `out_dir` when it is this run's (any world size with the same global batch); None if there is none."
+    if not (p['resume'] and ck_path.exists()): return None
+    ck = load_checkpoint(ck_path, map_location=dev)
+    saved = {**(CLS_DEFAULTS if task == 'cls' else DEPTH_DEFAULTS), **ck['params']}
+    changed = {k: (saved.get(k), p.get(k)) for k in _RESUME_KEYS if saved.get(k) != p.get(k)}
+    if ck.get('task') != task: changed['task'] = (ck.get('task'), task)
+    if saved['batch_size'] * ck.get('world_size', 1) != p['batch_size'] * world:
+        changed['global batch_size'] = (saved['batch_size'] * ck.get('world_size', 1), p['batch_size'] * world)
+    if changed: raise ValueError(f"out_dir={p['out_dir']!r} holds a checkpoint of a different run {changed} (saved, now); "
+                                 "use another out_dir or resume=False")
+    return ck
+
 def _run(p:dict, task:str)->dict:
+    rank, world = rank_world()
     dev, out = _device(p['device']), Path(p['out_dir'])
-    seed_everything(p['seed'])
+    if dev.type == 'cuda' and world > 1: dev = torch.device('cuda', torch.cuda.current_device())
+    seed_everything(p['seed'])  # the same head on every rank (DDP broadcasts rank 0's weights besides)
     if task == 'cls':
         train, val, classes, model, norm = build_classification(p)
-        crit = nn.CrossEntropyLoss(label_smoothing=p['label_smoothing'])
-        loss_fn = lambda m, x, y: crit(m(x).float(), y)
+        crit = nn.CrossEntropyLoss(label_smoothing=p['label_smoothing'])  # a mean: DDP's average is the global batch's
         evaluate, key, extra = (lambda m: eval_classification(m, val, norm, dev, p['precision'], workers=p['workers'])), 'top1', dict(classes=classes)
     else:
         train, val, model, norm, size = build_depth(p)
-        crit = SiLogLoss(p['silog_lambda'])
-        loss_fn = lambda m, x, g: crit(m(x).float(), g)
+        crit = SiLogLoss(p['silog_lambda'], sync=True)  # not a mean over images: its statistics are summed over the ranks
         evaluate, key, extra = (lambda m: eval_depth(m, val, norm, dev, p, size, p['precision'], workers=p['workers'])), 'rmse', dict(crop=size)
     model = model.to(dev)
-    out.mkdir(parents=True, exist_ok=True)
     groups = layer_decay_groups(model, p['lr'], p['weight_decay'], p['layer_decay'])
     opt = torch.optim.AdamW([{k: v for k, v in g.items() if k != 'names'} for g in groups], lr=p['lr'], betas=(p['beta1'], p['beta2']))
     ema = ModelEmaV3(model, decay=p['ema']) if p['ema'] else None
     log, ck_path, start = MetricsLog(out/'metrics.jsonl'), out/'checkpoint.pt', 0
-    if p['resume'] and ck_path.exists():
-        ck = load_checkpoint(ck_path, map_location=dev)
-        changed = {k: (ck['params'].get(k), p.get(k)) for k in _RESUME_KEYS if ck['params'].get(k) != p.get(k)}
-        if ck.get('task') != task: changed['task'] = (ck.get('task'), task)
-        if changed: raise ValueError(f"out_dir={str(out)!r} holds a checkpoint of a different run {changed} (saved, now); use another out_dir or resume=False")
+    if (ck := _resume(ck_path, p, task, world, dev)) is not None:
         model.load_state_dict(ck['model']); opt.load_state_dict(ck['optimizer'])
         if ema is not None and ck.get('ema'): ema.module.load_state_dict(ck['ema'])
-        start = ck['step']; log.truncate(start)
-        print(f"resuming from {ck_path} at step {start}")
-    elif log.path.exists(): log.path.unlink()
-    atomic_write_text(out/'params.yaml', yaml.safe_dump(p, sort_keys=False))
-    n_params = sum(x.numel() for x in model.parameters())
-    print(f"{task}: {p['encoder']} on {p['dataset']}: {len(train)} train / {len(val)} val, {n_params / 1e6:.2f}M parameters "
-          f"({sum(x.numel() for x in model.parameters() if x.requires_grad) / 1e6:.2f}M trained), {p['steps']} steps x batch {p['batch_size']} "
-          f"= {p['steps'] * p['batch_size'] / len(train):.1f} epochs, lr {p['lr']} (layer decay {p['layer_decay']}), {dev}", flush=True)
-    save = lambda step: save_checkpoint(dict(step=step, task=task, model=model.state_dict(), optimizer=opt.state_dict(),
-                                             ema=ema.module.state_dict() if ema else None, params=p), ck_path)
-    loader = DataLoader(train, batch_sampler=StepBatches(len(train), p['batch_size'], p['seed'], start, p['steps']),
+        start = ck['step']
+        if rank == 0: log.truncate(start); print(f"resuming from {ck_path} at step {start}" + (
+            f" (saved by {ck.get('world_size', 1)} processes, now {world})" if ck.get('world_size', 1) != world else ''))
+    elif rank == 0 and log.path.exists(): log.path.unlink()
+    # DDP averages the gradients; batch norm takes the global batch's statistics; a dense encoder reads blocks,
+    # not the tower's head and last norm: unused parameters
+    net = (DDP(global_batchnorm(model), device_ids=[dev.index] if dev.type == 'cuda' else None, find_unused_parameters=task == 'depth')
+           if world > 1 else model)
+    if rank == 0: atomic_write_text(out/'params.yaml', yaml.safe_dump(p, sort_keys=False))
+    n_params, gb = sum(x.numel() for x in model.parameters()), p['batch_size'] * world
+    if rank == 0:
+        print(f"{task}: {p['encoder']} on {p['dataset']}: {len(train)} train / {len(val)} val, {n_params / 1e6:.2f}M parameters "
+              f"({sum(x.numel() for x in model.parameters() if x.requires_grad) / 1e6:.2f}M trained), {p['steps']} steps x batch {gb} "
+              f"({world} x {p['batch_size']}) = {p['steps'] * gb / len(train):.1f} epochs, lr {p['lr']} (layer decay {p['layer_decay']}), "
+              f"{dev}", flush=True)
+    def save(step):
+        if rank == 0: save_checkpoint(dict(step=step, task=task, model=model.state_dict(), optimizer=opt.state_dict(),
+                                           ema=ema.module.state_dict() if ema else None, params=p, world_size=world), ck_path)
+        barrier()  # no rank runs ahead of the checkpoint
+    loader = DataLoader(train, batch_sampler=StepBatches(len(train), p['batch_size'], p['seed'], start, p['steps'], rank, world),
                         num_workers=p['workers'], collate_fn=_collate, persistent_workers=False)
     step, t_log, n_log = start, time.perf_counter(), 0
-    bar = tqdm(total=p['steps'], initial=start, desc=task, mininterval=2, file=sys.stdout)
+    bar = tqdm(total=p['steps'], initial=start, desc=task, mininterval=2, file=sys.stdout, disable=rank != 0)
     model.train()
     for x, y in loader:
         lr = cosine_lr(step, p['lr'], p['warmup'], p['steps'], p['min_lr'])
         for g in opt.param_groups: g['lr'] = lr * g['lr_scale']
-        _fault(0, step)  # QCLIP_FAIL_AT=0:step, as in pretraining
-        torch.manual_seed(_mix(p['seed'], step, 3))  # stochastic depth draws: a function of the step
+        _fault(rank, step)  # QCLIP_FAIL_AT=rank:step, as in pretraining
+        torch.manual_seed(_mix(p['seed'], step, 3, *([rank] if rank else [])))  # stochastic depth: a function of (step, rank)
         x, y = norm(x.to(dev, non_blocking=True)), y.to(dev, non_blocking=True)
-        with autocast(dev, p['precision']): loss = loss_fn(model, x, y)
+        with autocast(dev, p['precision']): loss = crit(net(x).float(), y)
         opt.zero_grad(set_to_none=True); loss.backward()
         if p['grad_clip']: nn.utils.clip_grad_norm_(model.parameters(), p['grad_clip'])
         opt.step()
         if ema is not None: ema.update(model, step=step)
-        step, n_log = step + 1, n_log + len(x)
+        step, n_log = step + 1, n_log + len(x) * world
         bar.update(1)
-        last = step == p['steps']
-        if step % p['log_every'] == 0 or step % p['eval_every'] == 0 or last:
-            row = dict(step=step, loss=loss.item(), lr=lr, samples_per_s=n_log / (time.perf_counter() - t_log))
-            if step % p['eval_every'] == 0 or last: row.update(evaluate(ema.module if ema else model))
-            log.append(**row); bar.set_postfix(loss=f"{row['loss']:.3f}", **({key: f"{row[key]:.3f}"} if key in row else {}))
+        last, do_eval = step == p['steps'], step % p['eval_every'] == 0 or step == p['steps']
+        if step % p['log_every'] == 0 or do_eval:
+            row = dict(step=step, loss=all_reduce_mean(loss.item()), lr=lr, samples_per_s=n_log / (time.perf_counter() - t_log))
+            if do_eval: row.update(evaluate(ema.module if ema else model))  # every rank evaluates its share
+            if rank == 0: log.append(**row)
+            bar.set_postfix(loss=f"{row['loss']:.3f}", **({key: f"{row[key]:.3f}"} if key in row else {}))
             t_log, n_log = time.perf_counter(), 0
         if step % p['ckpt_every'] == 0 or last: save(step)
     bar.close()
-    rows = log.read()
+    rows = log.read() if rank == 0 else []
     final = rows[-1] if rows else {}
     if start >= p['steps']:  # nothing left to train: evaluate the checkpoint again
         final = {'step': step, **evaluate(ema.module if ema else model)}
     metrics = {k: v for k, v in final.items() if k not in ('lr', 'samples_per_s')}
     summary = dict(task='classification' if task == 'cls' else 'depth', encoder=p['encoder'], dataset=p['dataset'],
-                   **({'mode': p['mode']} if task == 'cls' else {}), steps=step, params_M=round(n_params / 1e6, 3), **metrics, **extra)
-    save_weights(ema.module if ema else model, out/'model.safetensors')
-    plot_finetune(rows, out/'metrics.png', key, 'held-out top-1 accuracy (%)' if task == 'cls' else 'held-out RMSE (m)')
-    atomic_write_text(out/'results.json', json.dumps(summary, indent=1))
+                   **({'mode': p['mode']} if task == 'cls' else {}), steps=step, world_size=world, global_batch=gb,
+                   params_M=round(n_params / 1e6, 3), **metrics, **extra)
+    if rank == 0:
+        save_weights(ema.module if ema else model, out/'model.safetensors')
+        plot_finetune(rows, out/'metrics.png', key, 'held-out top-1 accuracy (%)' if task == 'cls' else 'held-out RMSE (m)')
+        atomic_write_text(out/'results.json', json.dumps(summary, indent=1))
+    barrier()  # outputs are written before any rank returns
     return summary
 
 def finetune_classification(**params)->dict:
-    "Classification fine-tuning or linear probing of `params` (see `CLS_DEFAULTS`); writes into `out_dir`, returns the results."
-    p = check_cls_params(**params)
-    with run_lock(p['out_dir']): return _run(p, 'cls')
+    "Classification fine-tuning or linear probing of `params` (see `CLS_DEFAULTS`) on the processes asked for; writes into `out_dir`."
+    return run_job(finetune_classification, check_cls_params(**params), lambda p: _run(p, 'cls'))
 
 def finetune_depth(**params)->dict:
-    "Depth fine-tuning of `params` (see `DEPTH_DEFAULTS`); writes into `out_dir`, returns the results."
-    p = check_depth_params(**params)
-    with run_lock(p['out_dir']): return _run(p, 'depth')
+    "Depth fine-tuning of `params` (see `DEPTH_DEFAULTS`) on the processes asked for; writes into `out_dir`, returns the results."
+    return run_job(finetune_depth, check_depth_params(**params), lambda p: _run(p, 'depth'))

@@ -13,6 +13,7 @@ from open_clip.transformer import VisionTransformer as OpenClipViT
 from open_clip.timm_model import TimmModel
 from timm.models.vision_transformer import VisionTransformer as TimmViT
 from safetensors.torch import load_file
+from .distributed import sum_ranks
 from .models import (CLIP_MODELS, IMAGE_ENCODERS, create_clip, create_image_encoder, feature_maps, _unwrap, is_vit,
                           vit_input_size)
 
@@ -282,11 +283,14 @@ class DepthModel(nn.Module):
 # %% ../nbs/08_heads.ipynb #0506b8da
 class SiLogLoss(nn.Module):
     "Scale-invariant log loss $\\sqrt{\\overline{d^2} - \\lambda \\bar d^2}$, $d = \\log g - \\log \\hat y$ on pixels with $g > 0$."
-    def __init__(self, lambd:float=0.5): super().__init__(); self.lambd = lambd
+    def __init__(self, lambd:float=0.5, sync:bool=False): super().__init__(); self.lambd, self.sync = lambd, sync
     def forward(self, pred:Tensor, target:Tensor)->Tensor:
         valid = target > 0
         d = torch.log(target[valid]) - torch.log(pred[valid].clamp_min(1e-6))
-        return torch.sqrt((d.square().mean() - self.lambd * d.mean().square()).clamp_min(1e-12))
+        s = torch.stack([d.sum(), d.square().sum(), d.new_tensor(d.numel())])  # the loss's sufficient statistics
+        if self.sync: s = sum_ranks(s)  # the global batch's statistics (a no-op on one process)
+        m1, m2 = s[0] / s[2], s[1] / s[2]
+        return torch.sqrt((m2 - self.lambd * m1.square()).clamp_min(1e-12))
 
 def eigen_crop(h:int, w:int, device=None)->Tensor:
     "Eigen et al.'s NYUv2 evaluation mask: rows 45:471, columns 41:601 of 480x640 (scaled to `h` x `w`)."

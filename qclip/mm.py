@@ -8,6 +8,7 @@ import copy, json, os, pickle, shutil, tempfile, time
 import yaml
 from pathlib import Path
 import numpy as np, torch, torch.nn as nn, torch.nn.functional as F
+import torch.distributed as dist
 import webdataset as wds
 from mmengine.config import Config
 from mmengine.model import BaseModule
@@ -16,15 +17,17 @@ from mmengine.registry import OPTIM_WRAPPER_CONSTRUCTORS
 from mmengine.runner.checkpoint import CheckpointLoader
 from mmseg.registry import MODELS as SEG_MODELS
 from mmdet.registry import MODELS as DET_MODELS
-from .core import Registry, cache_dir, check_choice, check_positive, atomic_write_text, run_lock
+from .core import Registry, cache_dir, check_choice, check_positive, atomic_write_text
 from .data.synth import CLASSES, SHAPES, COLOURS, synth_shards
+from .distributed import barrier, rank_world, requested_world_size, run_job
 from .finetune import SYNTH_LABELS
 from .heads import dense_encoder, is_vit, layer_decay_groups, is_arch
 
 # %% auto #0
 __all__ = ['SYNTH', 'LAYOUTS', 'RECIPES', 'PALETTE', 'JOB_KEYS', 'mm_safe_globals', 'load_from_local', 'QCLIPBackbone',
            'QCLIPViT', 'QCLIPMCi', 'QCLIPLayerDecayConstructor', 'check_layout', 'synth_ade20k', 'synth_coco',
-           'resolve_recipe', 'mm_config', 'run_mm', 'mm_losses', 'plot_losses', 'dense_job']
+           'resolve_recipe', 'mm_config', 'check_global_batch', 'mm_distributed', 'run_mm', 'mm_losses', 'plot_losses',
+           'dense_job']
 
 # %% ../nbs/08b_mm.ipynb #a15fea32
 def _buffer_method(obj, name:str):
@@ -367,6 +370,7 @@ JOB_KEYS = ('encoder', 'arch', 'dataset', 'data_root', 'iters', 'batch_size', 'l
 def resolve_recipe(recipe:str, **params)->dict:
     "The recipe's values with the job parameters that are not None put in their place (checked)."
     r = dict(RECIPES[recipe])
+    r['global_batch'] = r['batch_size'] * r['gpus']  # the schedule's (Tables 13-14), whatever batch_size a job asks for
     bad = set(params) - set(JOB_KEYS)
     if bad: raise TypeError(f"unknown parameter(s) {', '.join(sorted(bad))}; expected: {', '.join(JOB_KEYS)}")
     r.update({k: v for k, v in params.items() if v is not None and v != ''})
@@ -391,6 +395,7 @@ def mm_config(
     seed:int=0,
     resume:bool=False,         # continue from work_dir's last checkpoint if there is one
     cfg_options:dict|None=None,# mm-style dotted overrides applied last, e.g. {'model.decode_head.channels': 256}
+    scale_lr:bool=False,       # mmengine scales lr by (processes x batch_size) / the recipe's global batch (auto_scale_lr)
     **params,                  # job parameters (JOB_KEYS): None keeps the recipe's value
 )->Config:
     "The classic mm config of a paper recipe (RECIPES), with job parameters and `cfg_options` applied."
@@ -407,7 +412,8 @@ def mm_config(
         k = _det_data(cfg, r, root); _det_model(cfg, r, k, backbone, out_channels); _det_schedule(cfg, r)
     cfg.optim_wrapper = dict(type='OptimWrapper', optimizer=dict(type='AdamW', lr=r['lr'], betas=(0.9, 0.999), weight_decay=r['weight_decay']),
                              constructor='QCLIPLayerDecayConstructor', paramwise_cfg=dict(layer_decay=r['layer_decay']))
-    cfg.pop('fp16', None); cfg.pop('auto_scale_lr', None)
+    cfg.pop('fp16', None)
+    cfg.auto_scale_lr = dict(enable=bool(scale_lr), base_batch_size=r['global_batch'])  # the batch the recipe's lr is for
     cfg.custom_imports = dict(imports=['qclip.mm'], allow_failed_imports=False)
     cfg.randomness = dict(seed=seed)
     cfg.default_hooks.visualization = dict(type=cfg.default_hooks.visualization.type, draw=False)
@@ -415,16 +421,54 @@ def mm_config(
     if not r.get('val_interval'):  # small recipes: no validation during training (the loop would run it at the end too), one test
         cfg.val_dataloader = cfg.val_cfg = cfg.val_evaluator = None
     cfg.qclip = dict(recipe=recipe, task=r['task'], paper=r['paper'], sources=r.get('sources', ''), num_classes=k,
-                     global_batch=r['batch_size'] * r['gpus'], gpus=r['gpus'])
+                     global_batch=r['global_batch'], gpus=r['gpus'])
     if cfg_options: cfg.merge_from_dict(cfg_options, allow_list_keys=True)
     return cfg
+
+# %% ../nbs/08b_mm.ipynb #b954e3b7
+def check_global_batch(
+    r:dict,               # a resolved recipe (`resolve_recipe`): batch_size per process, gpus, global_batch
+    world:int,            # processes the job runs on
+    scale_lr:bool=False,  # accept any global batch: mmengine scales lr linearly from the recipe's
+)->int:                   # the run's global batch: batch_size x world
+    "The global batch of `r` on `world` processes; `ValueError` if another world size than the recipe's changes it without `scale_lr`."
+    b, g, G = r['batch_size'], r['gpus'], r['global_batch']
+    if scale_lr or world == g or world * b == G: return world * b
+    keep = f"batch_size={G // world} on {world} processes, " if G % world == 0 else ''
+    raise ValueError(f"batch_size={b} on {world} process{'es' * (world > 1)} is a global batch of {world * b}, but the recipe "
+                     f"trains at a global batch of {G} ({G // g} per process x {g} processes; {r['paper']}): pass {keep}run "
+                     f"{g} processes (qclip launch --nproc-per-node {g}), or scale_lr=True to scale lr by {world * b}/{G}")
+
+# %% ../nbs/08b_mm.ipynb #9ab771a4
+def mm_distributed(
+    cfg:Config,   # a config from `mm_config`
+    backend:str,  # the process group's: 'gloo' (CPU) or 'nccl' (CUDA)
+)->Config:        # a copy for mmengine's Runner inside that group
+    "`cfg` for mmengine's `Runner` in the process group qclip joined: its launcher, DDP on this rank's device, gathers over the group."
+    cfg, cuda = copy.deepcopy(cfg), backend == 'nccl'
+    cfg.launcher, cfg.env_cfg.dist_cfg = 'pytorch', dict(backend=backend)  # the group exists: setup_env skips init_dist
+    cfg.model_wrapper_cfg = dict(type='MMDistributedDataParallel', broadcast_buffers=False,
+                                 find_unused_parameters=bool(cfg.get('find_unused_parameters', True)),  # the tower's own head
+                                 device_ids=[torch.cuda.current_device()] if cuda else None)  # CPU modules take None
+    if not cuda: _sync_bn_off(cfg.model)
+    for ev in (cfg.get('val_evaluator'), cfg.get('test_evaluator')):
+        for m in (ev if isinstance(ev, list) else [ev] if ev else []): m['collect_device'] = 'gpu'  # all_gather_object
+    return cfg
+
+def _sync_bn_off(d):
+    "Every `SyncBN` of a config subtree as `BN` (torch's SyncBatchNorm needs GPUs)."
+    if isinstance(d, dict):
+        if d.get('type') == 'SyncBN': d['type'] = 'BN'
+        for v in d.values(): _sync_bn_off(v)
+    elif isinstance(d, (list, tuple)):
+        for v in d: _sync_bn_off(v)
 
 # %% ../nbs/08b_mm.ipynb #5925bc38
 def run_mm(cfg:Config)->dict:
     "Train and test with mmengine's `Runner`; the test metrics, names without their `coco/` prefix."
     from mmengine.runner import Runner
     cfg = copy.deepcopy(cfg)
-    if not torch.cuda.is_available(): cfg.env_cfg.dist_cfg = dict(backend='gloo')  # CPU processes: nccl needs GPUs
+    if rank_world()[1] > 1: cfg = mm_distributed(cfg, dist.get_backend())  # one job over the process group qclip joined
     cfg.experiment_name = f"{cfg.get('qclip', {}).get('recipe', 'mm')}_{time.strftime('%Y%m%d_%H%M%S')}_{os.getpid()}_{time.time_ns() % 10**6}"
     if cfg.get('visualizer'): cfg.visualizer.name = cfg.experiment_name  # mm's visualizer is a per-name singleton: a second run would log into the first one's folder
     runner = Runner.from_cfg(cfg)
@@ -472,40 +516,56 @@ def dense_job(
     device:str='auto',         # auto | cpu | cuda
     out_dir='runs/dense',
     resume:bool=True,          # continue from the last checkpoint in out_dir/work_dir
+    scale_lr:bool=False,       # another global batch than the recipe's: lr scaled linearly (mmengine auto_scale_lr), not refused
     **job,                     # JOB_KEYS: None or '' keeps the recipe's value
 )->dict:                       # the test metrics written to results.json
-    "Train and test an OpenMMLab recipe into `out_dir`; returns its test metrics (%)."
+    "Train and test an OpenMMLab recipe into `out_dir` on the processes asked for (`qclip launch`, torchrun, SLURM); its test metrics (%)."
     check_choice('device', device, ['auto', 'cpu', 'cuda'])
     if device == 'cuda' and not torch.cuda.is_available(): raise ValueError("device='cuda' is not valid here: torch sees no GPU")
-    if device == 'cpu': os.environ['CUDA_VISIBLE_DEVICES'] = ''  # mmengine picks a GPU when it sees one
+    if device == 'cpu': os.environ['CUDA_VISIBLE_DEVICES'] = ''  # mmengine picks a GPU when it sees one (spawned ranks inherit it)
     kind = {'seg': ('a segmentation', '21_segmentation'), 'det': ('a detection', '22_detection')}
     if check_choice('task', task, kind) != RECIPES[recipe]['task']:
         raise ValueError(f"recipe={recipe!r} is not valid here: it is {kind[RECIPES[recipe]['task']][0]} recipe "
                          f"(nbs/{kind[RECIPES[recipe]['task']][1]}.ipynb); expected one of: "
                          f"{', '.join(k for k, v in RECIPES.items() if v['task'] == task)}")
-    r = resolve_recipe(recipe, **job)  # fails on a bad parameter before the folder is touched
-    with run_lock(out_dir) as out:
-        cfg = mm_config(recipe, work_dir=str(out/'work_dir'), seed=seed, resume=resume, cfg_options=cfg_options, **job)
-        params = dict(recipe=recipe, **{k: r.get(k) for k in JOB_KEYS}, cfg_options=dict(cfg_options or {}), seed=seed,
-                      device=device, out_dir=str(out), resume=resume, paper=r['paper'], sources=r['sources'])
+    check_global_batch(resolve_recipe(recipe, **job), requested_world_size(), scale_lr)  # before the folder or a process
+    p = dict(task=task, recipe=recipe, cfg_options=cfg_options, seed=seed, device=device, out_dir=str(Path(out_dir).absolute()),
+             resume=resume, scale_lr=scale_lr, **job)
+    return run_job(dense_job, p, _dense_run)
+
+# %% ../nbs/08b_mm.ipynb #e64ab4eb
+def _dense_run(p:dict)->dict:
+    "What every rank of a `dense_job` runs: rank 0 writes the run folder, all train and test together."
+    (rank, world), out, job = rank_world(), Path(p['out_dir']), {k: v for k, v in p.items() if k in JOB_KEYS}
+    r = resolve_recipe(p['recipe'], **job)
+    config = lambda: mm_config(p['recipe'], work_dir=str(out/'work_dir'), seed=p['seed'], resume=p['resume'],
+                               cfg_options=p['cfg_options'], scale_lr=p['scale_lr'], **job)
+    cfg = config() if rank == 0 else None
+    barrier()  # rank 0 made the built-in data; the others find it in the cache
+    if cfg is None: cfg = config()
+    if rank == 0:
+        params = dict(recipe=p['recipe'], **{k: r.get(k) for k in JOB_KEYS}, cfg_options=dict(p['cfg_options'] or {}),
+                      seed=p['seed'], device=p['device'], out_dir=str(out), resume=p['resume'], scale_lr=p['scale_lr'],
+                      world_size=world, global_batch=world * r['batch_size'], paper=r['paper'], sources=r['sources'])
         params['synth_n'] = list(params['synth_n']) if params['synth_n'] else None
         atomic_write_text(out/'params.yaml', yaml.safe_dump(params, sort_keys=False))
         atomic_write_text(out/'config.py', cfg.dump())
-        print(_describe(cfg, r, recipe, job.get('encoder')), flush=True)
-        metrics = run_mm(cfg)
-        keep = ('mIoU', 'mAcc', 'aAcc') if task == 'seg' else tuple(k for k in metrics if k.startswith(('bbox_', 'segm_')))
-        results = {k: metrics[k] for k in keep if k in metrics}
+        print(_describe(cfg, r, p['recipe'], job.get('encoder'), world), flush=True)
+    metrics = run_mm(cfg)  # every rank gets the test metrics (mmengine broadcasts rank 0's)
+    keep = ('mIoU', 'mAcc', 'aAcc') if p['task'] == 'seg' else tuple(k for k in metrics if k.startswith(('bbox_', 'segm_')))
+    results = {k: metrics[k] for k in keep if k in metrics}
+    if rank == 0:
         atomic_write_text(out/'results.json', json.dumps(results, indent=1))
-        plot_losses(out/'work_dir', out/'loss.png', title=f"{recipe}: {job.get('encoder') or r['encoder']}")
+        plot_losses(out/'work_dir', out/'loss.png', title=f"{p['recipe']}: {job.get('encoder') or r['encoder']}")
     return results
 
-def _describe(cfg:Config, r:dict, recipe:str, encoder)->str:
-    "One line on what the job trains: model, data, schedule and batch per process against the paper's global batch."
-    b, m = cfg.train_dataloader.batch_size, cfg.model
+def _describe(cfg:Config, r:dict, recipe:str, encoder, world:int)->str:
+    "What the job trains: model, data, schedule, and processes x batch per process against the recipe's global batch."
+    b, m, G, g = cfg.train_dataloader.batch_size, cfg.model, r['global_batch'], r['gpus']
     head = m.decode_head.type if r['task'] == 'seg' else f"{m.type} ({m.roi_head.type})"
-    n = f"{cfg.train_cfg.max_iters} iters x batch {b} per process" if cfg.train_cfg.type == 'IterBasedTrainLoop' \
-        else f"{cfg.train_cfg.max_epochs} epochs x batch {b} per process"
+    n = f"{cfg.train_cfg.max_iters} iters" if cfg.train_cfg.type == 'IterBasedTrainLoop' else f"{cfg.train_cfg.max_epochs} epochs"
+    lr = f"{r['lr']:g}" + (f" x {world * b}/{G} = {r['lr'] * world * b / G:g} (scale_lr)" if cfg.auto_scale_lr.enable and world * b != G else '')
     return (f"{recipe} ({r['paper']}): {m.backbone.type} {encoder or r['encoder']!r} + {head} on {r['dataset']}, "
-            f"{cfg.qclip.num_classes} classes, {r['img_size']} px\n{n} (paper: {r['gpus']} GPUs x {r['batch_size']} = "
-            f"{cfg.qclip.global_batch} per iter); AdamW lr {r['lr']} wd {r['weight_decay']}, layer decay {r['layer_decay']}, "
-            f"drop path {r['drop_path']}")
+            f"{cfg.qclip.num_classes} classes, {r['img_size']} px\n{n}, {world} process{'es' * (world > 1)} x {b} per process = "
+            f"{world * b} global ({'recipe' if recipe.endswith('-small') else 'paper'}: {g} x {G // g} = {G}); AdamW lr {lr} "
+            f"wd {r['weight_decay']}, layer decay {r['layer_decay']}, drop path {r['drop_path']}")

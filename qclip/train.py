@@ -20,7 +20,7 @@ from .data.shards import (DATASETS, ShardStream, make_loader, find_shards, find_
                                eval_transform, dataset_spec, shard_weights, subset_shards, pair_dr_shards,
                                device_batches)
 from .data.augment import RangeAugment
-from .distributed import (init_distributed, launch, launch_request, all_reduce_mean, barrier, unwrap, fsdp_wrap,
+from .distributed import (run_job, all_reduce_mean, barrier, unwrap, fsdp_wrap,
                                full_state, load_full_state, clip_grad_norm_, rank_world)
 from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -233,16 +233,7 @@ def _split_ra_state(osd:dict)->tuple[dict, dict]:
 # %% ../nbs/06_train.ipynb #cd95e94b
 def pretrain(**params)->dict:
     "CLIP pretraining of `params` (see `PRETRAIN_DEFAULTS`); writes everything into `out_dir`, returns the summary."
-    p = check_params(**params)
-    with run_lock(p['out_dir']):  # one job per out_dir: a second one fails naming this one (rank 0 or the launcher holds it)
-        if (req := launch_request()) is not None:  # `qclip launch` asked for N processes: run there, rank 0's summary back
-            print(f"launching {req.get('nnodes', 1)} node(s) x {req['nproc_per_node']} processes; "
-                  f"every rank's log also in {p['out_dir']}/logs", flush=True)
-            return launch(pretrain, p, log_dir=Path(p['out_dir'])/'logs', **req)
-        created = init_distributed()  # torchrun / SLURM / submitit environment: join its process group
-        try: return _pretrain(p)
-        finally:
-            if created and dist.is_initialized(): dist.destroy_process_group()
+    return run_job(pretrain, check_params(**params), _pretrain)  # one job per out_dir, on the processes asked for
 
 def _pretrain(p:dict)->dict:
     rank, world = rank_world()
