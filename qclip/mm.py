@@ -13,13 +13,13 @@ import webdataset as wds
 from mmengine.config import Config
 from mmengine.model import BaseModule
 from mmengine.optim import DefaultOptimWrapperConstructor
-from mmengine.registry import OPTIM_WRAPPER_CONSTRUCTORS
+from mmengine.registry import OPTIM_WRAPPER_CONSTRUCTORS, MODELS as MM_MODELS
 from mmengine.runner.checkpoint import CheckpointLoader
 from mmseg.registry import MODELS as SEG_MODELS
 from mmdet.registry import MODELS as DET_MODELS
 from .core import Registry, cache_dir, check_choice, check_positive, atomic_write_text
 from .data.synth import CLASSES, SHAPES, COLOURS, synth_shards
-from .distributed import barrier, rank_world, requested_world_size, run_job
+from .distributed import barrier, rank_world, requested_world_size, run_job, GlobalBatchNorm2d
 from .finetune import SYNTH_LABELS
 from .heads import dense_encoder, is_vit, layer_decay_groups, is_arch
 
@@ -450,15 +450,17 @@ def mm_distributed(
     cfg.model_wrapper_cfg = dict(type='MMDistributedDataParallel', broadcast_buffers=False,
                                  find_unused_parameters=bool(cfg.get('find_unused_parameters', True)),  # the tower's own head
                                  device_ids=[torch.cuda.current_device()] if cuda else None)  # CPU modules take None
-    if not cuda: _sync_bn_off(cfg.model)
+    if not cuda: _sync_bn_off(cfg.model)  # torch's SyncBatchNorm runs on GPUs only
     for ev in (cfg.get('val_evaluator'), cfg.get('test_evaluator')):
         for m in (ev if isinstance(ev, list) else [ev] if ev else []): m['collect_device'] = 'gpu'  # all_gather_object
     return cfg
 
+MM_MODELS.register_module('GlobalBN', module=GlobalBatchNorm2d, force=True)  # batch norm over the group, any backend
+
 def _sync_bn_off(d):
-    "Every `SyncBN` of a config subtree as `BN` (torch's SyncBatchNorm needs GPUs)."
+    "Every `SyncBN` of a config subtree as `GlobalBN` (`qclip.distributed.GlobalBatchNorm2d`: the same statistics, on CPU too)."
     if isinstance(d, dict):
-        if d.get('type') == 'SyncBN': d['type'] = 'BN'
+        if d.get('type') == 'SyncBN': d['type'] = 'GlobalBN'
         for v in d.values(): _sync_bn_off(v)
     elif isinstance(d, (list, tuple)):
         for v in d: _sync_bn_off(v)
