@@ -13,8 +13,8 @@ from .distributed import LAUNCH_ENV
 # %% auto #0
 __all__ = ['RESOURCES', 'environ', 'launch_env', 'execute_notebook', 'expand_grid', 'run_name', 'merge_spec', 'read_spec',
            'load_experiment', 'notebook_params', 'check_run_params', 'run_status', 'start_run', 'run_one',
-           'run_one_process', 'cpu_count', 'NotebookJob', 'slurm_executor', 'run_experiment', 'slurm_dependency',
-           'main']
+           'run_one_process', 'cpu_count', 'NotebookJob', 'slurm_executor', 'stage_plan', 'run_experiment',
+           'slurm_dependency', 'main']
 
 # %% ../nbs/07a_jobs.ipynb #752faa2e
 @contextlib.contextmanager
@@ -70,7 +70,7 @@ def _stamp(path, info:dict):
 RESOURCES = dict(nproc_per_node=1, nodes=1, gpus_per_node=0, cpus_per_task=None, mem_gb=None, time_min=60,
                  partition=None, max_requeues=3)
 _TOP = {'notebook', 'out_root', 'params', 'grid', 'resources', 'description', 'stages', 'profiles', 'paper', 'extends'}
-_STAGE = {'notebook', 'params', 'grid', 'resources', 'after', 'as', 'gather', 'select'}
+_STAGE = {'notebook', 'params', 'grid', 'resources', 'after', 'as', 'gather', 'select', 'link', 'weights'}
 
 def _check_grid(grid, where:str):
     "A grid is a mapping of parameter -> value or list of values, or a list of such mappings."
@@ -137,7 +137,35 @@ def read_spec(path, _seen:tuple=())->dict:
         spec = merge_spec(base, {k: v for k, v in spec.items() if k != 'extends'})
     return spec
 
-def load_experiment(path, profile:str|None=None)->dict:
+def _linked_runs(path:Path, sname:str, st:dict, profile:str|None, seen:tuple)->list[dict]:
+    "`link: {experiment, stage[, profile]}`: that experiment's runs of that stage, as upstream runs that are never run here."
+    ln, where = st['link'], f"{path}: stages.{sname}.link"
+    _need(ln, dict, "a mapping {experiment: other.yaml, stage: its stage[, profile: its profile]}", where)
+    if set(ln) - {'experiment', 'stage', 'profile'} or not {'experiment', 'stage'} <= set(ln):
+        raise ValueError(f"{where} is {ln!r}; expected the keys experiment (a yaml, relative to this one), stage and optionally profile")
+    if set(st) - {'link', 'select'}: raise ValueError(f"{path}: stage {sname!r} links runs of another experiment, so it runs nothing "
+                                                     f"and takes only 'select' beside 'link'; got {sorted(set(st) - {'link', 'select'})}")
+    other = path.parent/str(ln['experiment'])
+    if other.resolve() in seen: raise ValueError(f"{where}: experiment={ln['experiment']!r} links back to this one (a circle)")
+    prof = ln.get('profile', profile)
+    if prof and prof not in (read_spec(other).get('profiles') or {}):
+        raise ValueError(f"{where}: {ln['experiment']} has no profile {prof!r}; set link.profile, or drop the stage in this profile ({sname}: null)")
+    o = load_experiment(other, prof, _seen=seen + (path.resolve(),))
+    ups = [r for r in o['runs'] if r['stage'] == ln['stage'] and not r.get('linked')]
+    if not ups: raise ValueError(f"{where}: {ln['experiment']} has no runs of a stage {ln['stage']!r} (stages: {', '.join(dict.fromkeys(r['stage'] for r in o['runs']))})")
+    return [dict(r, name=f"{sname}/{Path(r['dir']).name}", stage=sname, after=[], linked=f"{other}:{r['name']}") for r in ups]
+
+def _weights_runs(path:Path, sname:str, st:dict)->list[dict]:
+    "`weights: {row: {encoder: file, arch: ...}}`: encoders not trained here; the runs after them get those parameters."
+    w, where = st['weights'], f"{path}: stages.{sname}.weights"
+    ok = isinstance(w, dict) and w and all(isinstance(v, dict) and 'encoder' in v and not any(isinstance(x, (dict, list)) for x in v.values())
+                                           for v in w.values())
+    if not ok: raise ValueError(f"{where} is {w!r}; expected a mapping of row name -> parameters of the runs after it, with "
+                                "'encoder' (the weights file) and e.g. 'arch', as {openai-wit: {encoder: /w/openai.safetensors, arch: ViT-B-16}}")
+    if set(st) - {'weights'}: raise ValueError(f"{path}: stage {sname!r} names weights, so it runs nothing and takes no other key; got {sorted(set(st) - {'weights'})}")
+    return [dict(name=f"{sname}/dataset={k}", stage=sname, values={'dataset': str(k)}, params=dict(v), weights=True) for k, v in w.items()]
+
+def load_experiment(path, profile:str|None=None, _seen:tuple=())->dict:
     "An experiment yaml, checked, with its runs expanded: {out_root, resources, runs: [{name, stage, notebook, params, dir, after}]}."
     path = Path(path)
     spec = read_spec(path)
@@ -159,39 +187,56 @@ def load_experiment(path, profile:str|None=None)->dict:
     res = {**RESOURCES, **(spec.get('resources') or {})}
     out_root = Path(spec.get('out_root') or Path('runs')/(path.stem + (f'-{profile}' if profile else '')))
     runs, by_stage = [], {}
+    dropped = {k for k, v in stages.items() if v is None}
     stages = {k: v for k, v in stages.items() if v is not None}  # a profile drops a stage by setting it to null
     for sname, st in stages.items():
         _need(st, dict, f"a mapping with keys {', '.join(sorted(_STAGE))}", f"{path}: stages.{sname}")
         for k in ('params', 'resources'): _need(st.get(k), dict, 'a mapping', f"{path}: stages.{sname}.{k}")
         if set(st) - _STAGE: raise ValueError(f"{path}: stage {sname!r}: unknown key(s) {sorted(set(st) - _STAGE)}; accepted: {', '.join(sorted(_STAGE))}")
+        if st.get('weights') is not None: by_stage[sname] = _weights_runs(path, sname, st); continue
+        if st.get('link') is not None:
+            linked = _linked_runs(path, sname, st, profile, _seen)
+            _need(st.get('select'), dict, 'a mapping of grid parameter -> value or list of values', f"{path}: stages.{sname}.select")
+            sel = {k: v if isinstance(v, list) else [v] for k, v in (st.get('select') or {}).items()}
+            by_stage[sname] = [r for r in linked if all(r['values'].get(k) in vs for k, vs in sel.items())]
+            runs += by_stage[sname]; continue
         if 'notebook' not in st: raise ValueError(f"{path}: stage {sname!r} has no 'notebook'")
         if set(st.get('resources') or {}) - set(RESOURCES): raise ValueError(f"{path}: stage {sname!r}: unknown resource(s) {sorted(set(st['resources']) - set(RESOURCES))}")
         sres, cells = {**res, **(st.get('resources') or {})}, expand_grid(st.get('grid'), f"{path}: stages.{sname}." if not single else f"{path}: ")
-        if st.get('after') is not None and st['after'] not in by_stage:
-            raise ValueError(f"{path}: stage {sname!r} runs after {st['after']!r}, which is not an earlier stage (stages: {', '.join(stages)})")
-        ups = by_stage[st['after']] if st.get('after') else [None]
+        after = st.get('after'); after = [] if after is None else [str(a) for a in (after if isinstance(after, list) else [after])]
+        for a in after:
+            if a not in by_stage and a not in dropped:
+                raise ValueError(f"{path}: stage {sname!r} runs after {a!r}, which is not an earlier stage (stages: {', '.join(stages)})")
+        if after and all(a in dropped for a in after):
+            raise ValueError(f"{path}: stage {sname!r} runs after {', '.join(after)}, which this profile drops; drop {sname!r} too ({sname}: null)")
+        after = [a for a in after if a not in dropped]  # a list of upstream stages loses those a profile drops
+        ups = [u for a in after for u in by_stage[a]] if after else [None]
         if st.get('select') is not None:  # only after the upstream runs whose grid values match, e.g. {seed: [0]}
             _need(st['select'], dict, 'a mapping of grid parameter -> value or list of values', f"{path}: stages.{sname}.select")
-            if not st.get('after'): raise ValueError(f"{path}: stages.{sname}.select needs 'after' (it picks upstream runs)")
+            if not after: raise ValueError(f"{path}: stages.{sname}.select needs 'after' (it picks upstream runs)")
             sel = {k: v if isinstance(v, list) else [v] for k, v in st['select'].items()}
             ups = [u for u in ups if all(u['values'].get(k) in vs for k, vs in sel.items())]
-        if st.get('gather'): ups = [ups]  # one run over all upstream runs: `as` gets the list of their folders
+        if st.get('gather'):  # one run over all upstream runs: `as` gets the list of their folders
+            if any(u.get('weights') for u in ups): raise ValueError(f"{path}: stage {sname!r} gathers over a weights stage; gather runs of other stages only")
+            ups = [ups]
         by_stage[sname] = []
         for up in ups:
             for c in cells:
                 values = {**(up['values'] if isinstance(up, dict) else {}), **c}
                 name = run_name(values) if values or not st.get('gather') else 'all'
                 params = {**(st.get('params') or {}), **c}
-                if isinstance(up, dict): params[st.get('as', 'encoder')] = str(Path(up['dir']).absolute())  # the upstream run's out_dir
+                if isinstance(up, dict) and up.get('weights'): params.update(up['params'])  # encoder (and arch) of weights not trained here
+                elif isinstance(up, dict): params[st.get('as', 'encoder')] = str(Path(up['dir']).absolute())  # the upstream run's out_dir
                 if isinstance(up, list): params[st.get('as', 'encoder')] = [str(Path(u['dir']).absolute()) for u in up]
-                after = [up['name']] if isinstance(up, dict) else [u['name'] for u in up] if isinstance(up, list) else []
+                ran = [u for u in (up if isinstance(up, list) else [up]) if isinstance(u, dict) and not u.get('weights')]
                 r = dict(name=name if single else f'{sname}/{name}', stage=sname, notebook=str(st['notebook']), params=params,
-                         values=values, dir=out_root/name if single else out_root/sname/name, after=after, resources=sres)
+                         values=values, dir=out_root/name if single else out_root/sname/name, after=[u['name'] for u in ran], resources=sres)
                 runs.append(r); by_stage[sname].append(r)
     names = [r['name'] for r in runs]
     if len(set(names)) != len(names): raise ValueError(f"{path}: two grid cells map to the same run folder")
     return dict(out_root=out_root, resources=res, runs=runs, path=str(path), profile=profile,
-                notebook=runs[0]['notebook'] if single and runs else None, description=spec.get('description', ''))
+                notebook=runs[0]['notebook'] if single and runs else None, description=spec.get('description', ''),
+                weights={s: [u for u in v if u.get('weights')] for s, v in by_stage.items() if any(u.get('weights') for u in v)})
 
 # %% ../nbs/07a_jobs.ipynb #eb58dd04
 def notebook_params(notebook)->list[str]:
@@ -205,6 +250,7 @@ def check_run_params(e:dict):
     "Fail naming the run, its notebook and the unknown names if a run of experiment `e` passes parameters its notebook lacks."
     accepted = {}
     for r in e['runs']:
+        if r.get('linked'): continue  # another experiment's run: checked when that experiment runs
         if r['notebook'] not in accepted: accepted[r['notebook']] = notebook_params(r['notebook'])
         if (msg := unknown_params([*r['params'], 'out_dir'], accepted[r['notebook']])):
             raise ValueError(f"{e['path']}: run {r['name']!r} of {r['notebook']}: {msg}")
@@ -314,6 +360,25 @@ def slurm_executor(folder, resources:dict, cluster:str|None=None, name:str='qcli
     return ex
 
 # %% ../nbs/07a_jobs.ipynb #b656acea
+def stage_plan(
+    runs:list,          # the runs of one stage (`load_experiment(...)['runs']`)
+    slurm:bool=False,   # as submitted with --slurm (else launched here)
+)->str:
+    "One line on how a stage's runs go: each run is ONE job whose tasks form one process group (not N copies of the run)."
+    r, n = runs[0], len(runs)
+    head = f"{r['stage']}: {n} run{'s' * (n != 1)}"
+    if r.get('linked'): return f"{head} of {r['linked'].rsplit(':', 1)[0]}, linked: they run there, never here"
+    res = r['resources']; world = res['nodes'] * res['nproc_per_node']
+    k = res['nproc_per_node']
+    how = (f"1 SLURM job of {res['nodes']} node{'s' * (res['nodes'] > 1)} x {k} task{'s' * (k > 1)}" if slurm else
+           f"1 launch of {res['nodes']} node{'s' * (res['nodes'] > 1)} x {k} process{'es' * (k > 1)}")
+    group = f"one process group of {world}" if world > 1 else "one process"
+    gpus = f" ({res['gpus_per_node']} GPUs per node)" if slurm and res.get('gpus_per_node') else ''
+    bs = r['params'].get('batch_size')
+    batch = (f"; batch_size {bs} per process x {world} = {bs * world} global" if isinstance(bs, int) and world > 1 else
+             f"; recipe {r['params']['recipe']}'s batch_size per process" if bs is None and r['params'].get('recipe') else '')
+    return f"{head}, each {how} = {group}{gpus}{batch}"
+
 def run_experiment(
     path,                   # experiments/NAME.yaml
     slurm:bool=False,       # submit with submitit instead of running here
@@ -332,10 +397,20 @@ def run_experiment(
     status, submitted = {}, {}
     stages = None if not only else set(only.split(','))
     if jobs > 1 and not slurm and not dry_run:
-        return _run_side_by_side([r for r in e['runs'] if stages is None or r['stage'] in stages], e['runs'], jobs, log_output)
+        return _run_side_by_side([r for r in e['runs'] if (stages is None or r['stage'] in stages) and not r.get('linked')], e['runs'], jobs, log_output)
+    for s, ws in e['weights'].items():  # encoders not trained here: the runs after them read these files
+        if stages is None or s in stages:
+            for w in ws: print(f"{w['name']}: weights not trained here, {w['params']['encoder']}" + ('' if Path(str(w['params']['encoder'])).expanduser().exists()
+                               else ' (not on this machine: the runs after it fail until it is there)'), flush=True)
+    planned = set()
     for r in e['runs']:
         res, d = r['resources'], Path(r['dir']).absolute()
         if stages is not None and r['stage'] not in stages: continue
+        if r['stage'] not in planned:
+            planned.add(r['stage']); print(stage_plan([u for u in e['runs'] if u['stage'] == r['stage']], slurm), flush=True)
+        if r.get('linked'):  # another experiment's run: done there or waited for, never run here
+            st = run_status(d, r['params']); status[r['name']] = st if st == 'done' else 'linked'
+            print(f"{r['name']}: {st} (linked: {r['linked']}" + (')' if st == 'done' else '; it runs there, not here)'), flush=True); continue
         if not slurm and not dry_run and res['nodes'] > 1:
             raise ValueError(f"{path}: nodes={res['nodes']} needs --slurm (or `qclip launch --nnodes` on each node)")
         st = run_status(d, r['params'])

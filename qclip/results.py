@@ -4,15 +4,15 @@
 
 # %% ../nbs/50_results.ipynb #25c5a382
 from __future__ import annotations
-import json, math
+import json, math, re
 from pathlib import Path
 import numpy as np, pandas as pd, yaml
 
 # %% auto #0
-__all__ = ['PAPER_TABLE1', 'TABLE1_COLUMNS', 'LOWER_IS_BETTER', 'DATASET_ROWS', 'PAPER_ORDER', 'TASKS', 'RANDOM_ROW', 'PAIRS',
-           'row_name', 'collect_runs', 'table1_long', 'table1', 't_quantile', 'paired_ci', 'precondition', 'verdicts',
-           'task_verdicts', 'side_by_side', 'plot_table1', 'plot_intervals', 'scaling', 'plot_scaling',
-           'attention_runs', 'short_name', 'plot_attention']
+__all__ = ['PAPER_TABLE1', 'TABLE1_COLUMNS', 'LOWER_IS_BETTER', 'DATASET_ROWS', 'PAPER_ORDER', 'TASKS', 'RANDOM_ROW', 'SWEEP',
+           'PAIRS', 'row_name', 'collect_runs', 'best_of_sweep', 'table1_long', 'sweep_note', 'table1', 't_quantile',
+           'paired_ci', 'precondition', 'verdicts', 'task_verdicts', 'side_by_side', 'plot_table1', 'plot_intervals',
+           'scaling', 'plot_scaling', 'attention_runs', 'short_name', 'plot_attention']
 
 # %% ../nbs/50_results.ipynb #bb9ec519
 PAPER_TABLE1 = pd.DataFrame([
@@ -41,7 +41,9 @@ TABLE1_COLUMNS = pd.DataFrame([  # where each column of our Table 1 comes from: 
 ], columns=['stage', 'key', 'column', 'paper', 'task', 'protocol'])  # `paper`: the paper's column it stands beside
 LOWER_IS_BETTER = {'RMSE', 'Depth probe RMSE'}
 DATASET_ROWS = {'synth-align': 'ALIGN', 'align': 'ALIGN', 'synth-datacomp': 'DataComp', 'datacomp': 'DataComp',
-                'synth-datacompdr': 'DataCompDR', 'datacompdr': 'DataCompDR', 'wit': 'OpenAI-WIT'}
+                'synth-datacompdr': 'DataCompDR', 'datacompdr': 'DataCompDR',
+                'openai-wit': 'OpenAI-WIT', 'dfn-veclip': 'DFN+VeCLIP',  # released weights (the specs' `external` stage)
+                'wit': 'WIT-12M', 'cc12m': 'CC-12M'}                      # Table 2's 12M-sample datasets, pretrained here
 PAPER_ORDER = ('ALIGN', 'DataComp', 'DataCompDR')  # caption quality, worst to best: the order of every column of Table 1
 TASKS = ('classification', 'detection', 'segmentation', 'depth')  # the paper's downstream tasks ('alignment': the pretraining task)
 RANDOM_ROW = 'random init'  # an encoder from a 0-step pretraining run: the floor the paper's rows are measured against
@@ -88,6 +90,8 @@ def collect_runs(root)->pd.DataFrame:
             row.update({f'pre_{k}': v for k, v in _run_params(Path(enc)).items() if isinstance(v, (str, int, float, bool))})
         elif row['stage'] == 'pretrain':
             row.update({f'pre_{k}': v for k, v in params.items() if isinstance(v, (str, int, float, bool))})
+        elif isinstance(enc, str) and (m := re.match(r'dataset=([^,]+)', rel[-1])):  # after weights not trained here: the folder names the row
+            row.update(pre_dataset=m.group(1), pre_weights=enc)
         row.update(_numbers(res))
         rows.append(row)
     return pd.DataFrame(rows)
@@ -97,10 +101,27 @@ def _rows_of(sel:pd.DataFrame)->list[str]:
     steps = sel['pre_steps'] if 'pre_steps' in sel else [None] * len(sel)
     return [row_name(d, n) for d, n in zip(sel['pre_dataset'], steps)]
 
+SWEEP = ('lr', 'drop_path')  # fine-tuning parameters the paper sweeps per encoder, reporting the best point (Tables 13-15)
+
+def best_of_sweep(
+    sel:pd.DataFrame,    # collected runs of one stage with a value in `key`
+    key:str,             # the metric
+    lower:bool=False,    # lower is better (RMSE)
+)->pd.DataFrame:         # one row per encoder and non-swept parameters: its best run, with `points` and `swept`
+    "The best run over each sweep of `SWEEP` parameters: runs that differ only in those are points of one sweep."
+    swept = [f'param_{k}' for k in SWEEP if f'param_{k}' in sel]
+    keys = [c for c in sel.columns if (c.startswith('param_') and c not in swept) or c == 'experiment']
+    if sel.empty or not keys: return sel.assign(points=1, swept='')
+    gb = sel.groupby([sel[c].astype(str) for c in keys], sort=False, dropna=False)  # a parameter a run lacks is a key too
+    best = sel.loc[(gb[key].idxmin() if lower else gb[key].idxmax()).values]
+    vary = gb[swept].nunique().gt(1) if swept else pd.DataFrame(index=gb.size().index)
+    names = [', '.join(c.removeprefix('param_') for c in swept if v[c]) for _, v in vary.iterrows()]
+    return best.assign(points=gb.size().values, swept=names)
+
 def table1_long(runs:pd.DataFrame, experiment:str|None=None, columns:pd.DataFrame|None=None)->pd.DataFrame:
-    "One value per (row, seed, column) of Table 1 from collected runs (downstream runs of one encoder averaged)."
+    "One value per (row, seed, column) of Table 1 from collected runs: the best of a sweep, other repeats of an encoder averaged."
     cols = TABLE1_COLUMNS if columns is None else columns
-    out = pd.DataFrame(columns=['row', 'seed', 'column', 'task', 'protocol', 'value'])
+    out = pd.DataFrame(columns=['row', 'seed', 'column', 'task', 'protocol', 'value', 'points', 'swept'])
     if runs.empty or 'pre_dataset' not in runs: return out
     df = runs if not experiment else runs[runs.experiment == experiment]
     parts = []
@@ -108,11 +129,23 @@ def table1_long(runs:pd.DataFrame, experiment:str|None=None, columns:pd.DataFram
         if c.key not in df: continue
         sel = df[(df.stage == c.stage) & df[c.key].notna()]
         if sel.empty: continue
+        sel = best_of_sweep(sel.assign(**{c.key: sel[c.key].astype(float)}), c.key, lower=c.column in LOWER_IS_BETTER)
         seeds = sel['pre_seed'].fillna(0).astype(int) if 'pre_seed' in sel else 0
         parts.append(pd.DataFrame(dict(row=_rows_of(sel), seed=seeds, column=c.column, task=c.task, protocol=c.protocol,
-                                       value=sel[c.key].astype(float).values)))
+                                       value=sel[c.key].values, points=sel['points'].values, swept=sel['swept'].values)))
     if not parts: return out
-    return pd.concat(parts).groupby(['row', 'seed', 'column', 'task', 'protocol'], sort=False, as_index=False)['value'].mean()
+    return pd.concat(parts).groupby(['row', 'seed', 'column', 'task', 'protocol'], sort=False, as_index=False).agg(
+        value=('value', 'mean'), points=('points', 'max'), swept=('swept', 'max'))
+
+def sweep_note(long:pd.DataFrame)->str:
+    "One line per column whose values are the best of a sweep, as the page prints it ('' when nothing was swept)."
+    out = []
+    for col, g in long[long.points > 1].groupby('column', sort=False) if 'points' in long else []:
+        lo, hi = int(g.points.min()), int(g.points.max())
+        n = f'{lo}' if lo == hi else f'{lo}-{hi}'
+        out.append(f"{col}: best of {n} sweep points ({g.swept.iloc[0]}) per pretraining run, as the paper reports "
+                   f"({'lowest' if col in LOWER_IS_BETTER else 'highest'})")
+    return '\n'.join(out)
 
 # %% ../nbs/50_results.ipynb #6a1c98c6
 def table1(runs:pd.DataFrame, experiment:str|None=None)->pd.DataFrame:
@@ -161,7 +194,7 @@ def precondition(long:pd.DataFrame, rows=PAPER_ORDER, level:float=0.95)->pd.Data
         r = [x for x in rows if x in w.index]
         if RANDOM_ROW not in w.index or not r: continue
         both = w.loc[[RANDOM_ROW, *r]].dropna(axis=1).columns  # seeds run for random init and every pretrained row
-        d = (w.loc[r, both].mean() - w.loc[RANDOM_ROW, both]).values
+        d = (w.loc[r, both].mean() - w.loc[RANDOM_ROW, both]).values.round(12)  # equal values: 0, not the mean's rounding error
         m, lo, hi, n = paired_ci(d, level)
         each = [paired_ci((w.loc[x, both] - w.loc[RANDOM_ROW, both]).values, level)[1] for x in r]
         out.append(dict(column=col, task=long[long.column == col].task.iloc[0], random_init=sign * w.loc[RANDOM_ROW].mean(),

@@ -1,6 +1,7 @@
 """The SLURM path through submitit's own local executor: a NotebookJob runs 10_pretrain; a simulated preemption
 (SIGUSR2 to the task, what SLURM sends before preempting) checkpoints, requeues, and the requeued job resumes from the
-last checkpoint and finishes with an unbroken metrics log."""
+last checkpoint and finishes with an unbroken metrics log. And what `qclip run --slurm` says it will submit: one job
+per run, its tasks one process group (not that many copies of the run)."""
 import json, os, re, signal, time
 from pathlib import Path
 import psutil, pytest, submitit
@@ -52,3 +53,22 @@ def test_qclip_run_slurm_path_then_skip(tmp_path, monkeypatch):
     assert list((tmp_path/'runs'/'.submitit').glob('*_log.out'))  # submitit's own job logs
     assert main(['run', 'x.yaml', '--slurm', '--cluster', 'local']) == 0  # done: nothing submitted
     assert len(list((tmp_path/'runs'/'.submitit').glob('*_submitted.pkl'))) == 1
+
+def test_slurm_dry_run_one_distributed_job_per_run(capsys, tmp_path):
+    "Table 1 at the paper's scale: each downstream run is ONE job of 1 node x 8 tasks, one process group of 8."
+    from qclip.jobs import main, load_experiment
+    assert main(['run', str(ROOT/'experiments'/'table1.yaml'), '--slurm', '--dry-run']) == 0
+    out = capsys.readouterr().out
+    assert ('finetune: 4 runs, each 1 SLURM job of 1 node x 8 tasks = one process group of 8 (8 GPUs per node); '
+            'batch_size 128 per process x 8 = 1024 global') in out, out[:3000]
+    assert 'depth: 80 runs, each 1 SLURM job of 1 node x 8 tasks = one process group of 8 (8 GPUs per node); batch_size 3 ' \
+           'per process x 8 = 24 global' in out  # Table 15's batch 24
+    for stage, n in [('linear', 4), ('detection', 84), ('segmentation', 60)]:  # 3 encoders + OpenAI's, x the paper's sweep
+        assert re.search(rf'^{stage}: {n} runs, each 1 SLURM job of 1 node x 8 tasks = one process group of 8 ', out, re.M), stage
+    assert 'pretrain: 3 runs, each 1 SLURM job of 16 nodes x 8 tasks = one process group of 128' in out
+    runs = re.findall(r'^[a-z]+/\S+: (?:new|stopped|changed|done)', out, re.M)  # one line (one job) per run
+    assert len(runs) == 3 + 4 + 4 + 84 + 60 + 80, len(runs)
+    # and the executor a run gets asks for exactly that job: 1 node, 8 tasks
+    r = next(r for r in load_experiment(ROOT/'experiments'/'table1.yaml')['runs'] if r['stage'] == 'finetune')
+    ex = slurm_executor(tmp_path, r['resources'], cluster='local')
+    assert {k: ex._executor.parameters[k] for k in ('nodes', 'tasks_per_node', 'gpus_per_node')} == dict(nodes=1, tasks_per_node=8, gpus_per_node=8)
