@@ -13,7 +13,7 @@ JOBS ?= 2
 # extra JupyterLab options, e.g. make lab LAB_ARGS="--no-browser --port 8899"
 LAB_ARGS ?=
 
-.PHONY: help install mm pretrain reproduce test lab export readme clean-nbs nbtest pytest
+.PHONY: help install mm pretrain reproduce test lab lab-test export readme clean-nbs nbtest pytest
 
 help:
 	@echo "make pretrain   CLIP pretraining on the built-in synth-datacompdr dataset (papermill nbs/10_pretrain.ipynb)"
@@ -21,6 +21,7 @@ help:
 	@echo "make test       every test: notebooks in step with qclip/, nbdev_test, pytest"
 	@echo "make mm         the OpenMMLab extra (mmcv 2.1.0 built once, ~22 min, cached in ~/.cache/qclip/wheels)"
 	@echo "make lab        JupyterLab on nbs/ with the qclip kernel registered"
+	@echo "make lab-test   nbs/10_pretrain.ipynb run from JupyterLab's UI in headless chromium, screenshots in $(RUNS)/screenshots"
 
 $(STAMP): setup.py settings.ini
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -74,3 +75,8 @@ clean-nbs: $(STAMP)
 lab: $(STAMP)
 	$(BIN)/python -m ipykernel install --sys-prefix --name qclip --display-name "qclip (.venv)"
 	$(BIN)/jupyter lab --notebook-dir nbs $(if $(filter 0,$(shell id -u)),--allow-root) $(LAB_ARGS)
+
+# JupyterLab as a person tries it (needs Debian's chromium and chromium-driver; skipped without them, also in make pytest):
+# tiny parameters typed below the parameters cell, Run > Run All Cells, widget progress bar and plot checked and screenshotted
+lab-test: $(STAMP)
+	QCLIP_SCREENSHOTS=$(abspath $(RUNS))/screenshots $(BIN)/python -m pytest -q -s -rs tests/test_lab_browser.py

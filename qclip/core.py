@@ -13,7 +13,7 @@ import numpy as np, torch
 __all__ = ['LOCK_FILE', 'LOCK_ENV', 'Registry', 'check_choice', 'check_positive', 'atomic_path', 'atomic_write_text',
            'save_checkpoint', 'load_checkpoint', 'seed_everything', 'cache_dir', 'MetricsLog', 'plot_curves',
            'RunLockedError', 'lock_holder', 'clean_stale_tmp', 'lock_here', 'run_lock', 'yaml_value', 'assigned_names',
-           'unknown_params', 'check_job_params']
+           'unknown_params', 'check_job_params', 'papermill_run', 'progress_bar']
 
 # %% ../nbs/00_core.ipynb #0d6bd5df
 class Registry(dict):
@@ -242,12 +242,28 @@ def unknown_params(given, accepted)->str|None:
     return f"unknown parameter(s) {', '.join(map(_one, bad))}; accepted: {', '.join(accepted)}"
 
 # %% ../nbs/00_core.ipynb #d99f18f8
-def check_job_params(ns:dict|None=None, accepted=None):
-    "Fail if papermill injected a name the job notebook's `parameters` cell does not define (`ns`: the notebook's globals)."
+def _history(ns:dict|None=None)->list[str]:
+    "The cells an IPython kernel has run (`In`), from `ns` or the running kernel; [] outside one."
     hist = list((ns or {}).get('In') or [])
     if not hist:
         with contextlib.suppress(Exception): hist = list(get_ipython().user_ns.get('In') or [])  # noqa: F821
+    return hist
+
+def check_job_params(ns:dict|None=None, accepted=None):
+    "Fail if papermill injected a name the job notebook's `parameters` cell does not define (`ns`: the notebook's globals)."
+    hist = _history(ns)
     for i, cell in enumerate(hist):
         if not cell.lstrip().startswith('# Parameters'): continue
         ok = list(accepted) if accepted is not None else assigned_names(hist[i - 1]) if i > 0 else []
         if (msg := unknown_params(assigned_names(cell), ok)): raise ValueError(msg)
+
+# %% ../nbs/00_core.ipynb #4e7aada1
+def papermill_run(ns:dict|None=None)->bool:
+    "Is this kernel executing a notebook for papermill (its injected `# Parameters` cell is in the history)?"
+    return any(c.lstrip().startswith('# Parameters') for c in _history(ns))
+
+def progress_bar(*args, **kwargs):
+    "A tqdm bar: a widget in JupyterLab (`tqdm.auto`), text in a papermill job and a terminal (its log shows every update)."
+    if papermill_run(): from tqdm.std import tqdm
+    else: from tqdm.auto import tqdm
+    return tqdm(*args, **kwargs)

@@ -5,13 +5,14 @@
 # %% ../nbs/08a_finetune.ipynb #ac527b18
 from __future__ import annotations
 import io, json, math, os, random, sys, time, zlib
+from dataclasses import dataclass
+from typing import Callable
 from pathlib import Path
 import numpy as np, torch, torch.nn as nn, torch.nn.functional as F, yaml
 from PIL import Image
 from torch.utils.data import Dataset, DataLoader, Sampler, Subset
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
-from tqdm.auto import tqdm
 from timm.utils import ModelEmaV3
 from .core import (check_choice, check_positive, seed_everything, save_checkpoint, load_checkpoint, atomic_write_text,
                         atomic_path, MetricsLog, run_lock, plot_curves)
@@ -19,7 +20,8 @@ from .models import CLIP_MODELS, save_weights
 from .data.synth import SYNTH_DATASETS, SHAPES, COLOURS, synth_shards, decode_dense
 from .data.shards import read_tar, BadCounter, data_root_of
 from .data.augment import rrc_box, crop_resize, open_image, normalize_batch, MEAN, STD
-from .train import cosine_lr, autocast, _device, _fault
+from .train import cosine_lr, autocast, _fault
+from .harness import RunFolder, cadence, progress, run_device
 from .distributed import run_job, rank_world, all_reduce_mean, barrier, global_batchnorm
 from .heads import (load_encoder, is_arch, set_img_size, set_drop_path, vit_input_size, DenseEncoder, DepthModel,
                          Classifier, layer_decay_groups, SiLogLoss, depth_metrics, flip_tta, shift_window, DEPTH_METRICS)
@@ -28,8 +30,8 @@ from .heads import (load_encoder, is_arch, set_img_size, set_drop_path, vit_inpu
 __all__ = ['SYNTH_LABELS', 'IMAGENET_LAYOUT', 'NYU_LAYOUT', 'CLS_DEFAULTS', 'DEPTH_DEFAULTS', 'CLS_DATASETS', 'DEPTH_DATASETS',
            'synth_arrays', 'cls_view', 'depth_view', 'imagenet_samples', 'nyu_samples', 'SynthCls', 'FolderCls',
            'SynthDepth', 'NYUDepth', 'fake_imagenet', 'fake_nyuv2', 'StepBatches', 'check_encoder', 'check_cls_params',
-           'check_depth_params', 'build_classification', 'build_depth', 'eval_classification', 'eval_depth',
-           'plot_finetune', 'finetune_classification', 'finetune_depth']
+           'check_depth_params', 'build_classification', 'build_depth', 'eval_classification', 'eval_depth', 'Task',
+           'classification_task', 'depth_task', 'plot_finetune', 'fit', 'finetune_classification', 'finetune_depth']
 
 # %% ../nbs/08a_finetune.ipynb #6dd2576f
 SYNTH_LABELS = {'shape': list(SHAPES), 'colour': list(COLOURS), 'object': [f'{c} {s}' for s in SHAPES for c in COLOURS]}
@@ -406,112 +408,122 @@ def eval_depth(model, val:Dataset, norm, dev, p:dict, window:int, precision='fp3
     *totals, n = _sum_ranks(*sums.values(), n)
     return {**{k: v / max(n, 1) for k, v in zip(sums, totals)}, 'val_n': int(n)}
 
-# %% ../nbs/08a_finetune.ipynb #2a6ee9dc
+# %% ../nbs/08a_finetune.ipynb #7602df60
+@dataclass
+class Task:
+    "A downstream task for `fit`: data, model, loss and evaluation, and the metric it reports."
+    name:str                    # the checkpoint's task ('cls', 'depth'): a run resumes only its own
+    train:Dataset               # (index, aug seed) -> (uint8 image, target)
+    val:Dataset                 # index -> (uint8 image, target)
+    model:nn.Module             # normalised images -> predictions
+    norm:Callable               # uint8 batch -> the model's input
+    loss:nn.Module              # (predictions, targets) -> the batch's loss (the global batch's under DDP's average)
+    evaluate:Callable           # (model, device) -> held-out metrics (each rank its share; every rank gets the totals)
+    metric:str                  # the held-out metric of the progress bar and the plot
+    title:str                   # the plot's title for it
+    summary:dict                # what results.json says besides the metrics
+    unused_params:bool=False    # parts of the model take no part in the loss (DDP must look for them)
+
+# %% ../nbs/08a_finetune.ipynb #2961a256
+def classification_task(p:dict)->Task:
+    "Classification (Table 12: fine-tuning or linear probe) of a checked `p`."
+    train, val, classes, model, norm = build_classification(p)
+    ev = lambda m, dev: eval_classification(m, val, norm, dev, p['precision'], workers=p['workers'])
+    return Task('cls', train, val, model, norm, nn.CrossEntropyLoss(label_smoothing=p['label_smoothing']), ev, 'top1',
+                'held-out top-1 accuracy (%)', dict(task='classification', encoder=p['encoder'], dataset=p['dataset'],
+                                                      mode=p['mode'], classes=classes))
+
+# %% ../nbs/08a_finetune.ipynb #5479428e
+def depth_task(p:dict)->Task:
+    "Monocular depth (Table 15) of a checked `p`."
+    train, val, model, norm, size = build_depth(p)
+    ev = lambda m, dev: eval_depth(m, val, norm, dev, p, size, p['precision'], workers=p['workers'])
+    return Task('depth', train, val, model, norm, SiLogLoss(p['silog_lambda'], sync=True), ev, 'rmse', 'held-out RMSE (m)',
+                dict(task='depth', encoder=p['encoder'], dataset=p['dataset'], crop=size), unused_params=True)
+
+# %% ../nbs/08a_finetune.ipynb #db399758
 _RESUME_KEYS = ('encoder', 'arch', 'dataset', 'data_root', 'img_size', 'seed', 'synth_n', 'mode', 'crop', 'rrc_min', 'drop_path')  # + global batch
+
+def _optimizer(model:nn.Module, p:dict)->torch.optim.Optimizer:
+    "AdamW over the layer-decay groups (`lr_scale` per group)."
+    groups = layer_decay_groups(model, p['lr'], p['weight_decay'], p['layer_decay'])
+    return torch.optim.AdamW([{k: v for k, v in g.items() if k != 'names'} for g in groups], lr=p['lr'], betas=(p['beta1'], p['beta2']))
+
+def _restore(ck:dict|None, model, opt, ema)->int:
+    "Load a checkpoint into model, optimizer and EMA; its step (0 without one)."
+    if ck is None: return 0
+    model.load_state_dict(ck['model']); opt.load_state_dict(ck['optimizer'])
+    if ema is not None and ck.get('ema'): ema.module.load_state_dict(ck['ema'])
+    return ck['step']
+
+def _wrap(model:nn.Module, dev, task:Task)->nn.Module:
+    "DDP over the group with global-batch batch norm; the model itself on one process."
+    if rank_world()[1] == 1: return model
+    return DDP(global_batchnorm(model), device_ids=[dev.index] if dev.type == 'cuda' else None,
+               find_unused_parameters=task.unused_params)
+
+def _describe(p:dict, task:Task, model:nn.Module, dev)->str:
+    world, n = rank_world()[1], sum(x.numel() for x in model.parameters())
+    gb, trained = p['batch_size'] * world, sum(x.numel() for x in model.parameters() if x.requires_grad)
+    return (f"{task.name}: {p['encoder']} on {p['dataset']}: {len(task.train)} train / {len(task.val)} val, {n / 1e6:.2f}M "
+            f"parameters ({trained / 1e6:.2f}M trained), {p['steps']} steps x batch {gb} ({world} x {p['batch_size']}) = "
+            f"{p['steps'] * gb / len(task.train):.1f} epochs, lr {p['lr']} (layer decay {p['layer_decay']}), {dev}")
 
 def plot_finetune(rows:list[dict], path, metric:str, title:str)->Path|None:
     "Training loss and the validation `metric` against step (`qclip.core.plot_curves`)."
     return plot_curves(rows, path, [metric], title)
 
-def _resume(ck_path:Path, p:dict, task:str, world:int, dev)->dict|None:
-    "The checkpoint in `out_dir` when it is this run's (any world size with the same global batch); None if there is none."
-    if not (p['resume'] and ck_path.exists()): return None
-    ck = load_checkpoint(ck_path, map_location=dev)
-    saved = {**(CLS_DEFAULTS if task == 'cls' else DEPTH_DEFAULTS), **ck['params']}
-    changed = {k: (saved.get(k), p.get(k)) for k in _RESUME_KEYS if saved.get(k) != p.get(k)}
-    if ck.get('task') != task: changed['task'] = (ck.get('task'), task)
-    if saved['batch_size'] * ck.get('world_size', 1) != p['batch_size'] * world:
-        changed['global batch_size'] = (saved['batch_size'] * ck.get('world_size', 1), p['batch_size'] * world)
-    if changed: raise ValueError(f"out_dir={p['out_dir']!r} holds a checkpoint of a different run {changed} (saved, now); "
-                                 "use another out_dir or resume=False")
-    return ck
-
-def _run(p:dict, task:str)->dict:
+# %% ../nbs/08a_finetune.ipynb #19fed51b
+def fit(
+    p:dict,                       # checked parameters (`check_cls_params`, `check_depth_params`)
+    build:Callable[[dict], Task], # the task's builder, called after seeding (its model's initial weights are the seed's)
+    defaults:dict,                # the parameters' defaults (for keys an older checkpoint lacks)
+)->dict:                          # results.json
+    "Train and evaluate the task `build(p)` into `p['out_dir']` on the processes of the group (one on its own)."
     rank, world = rank_world()
-    dev, out = _device(p['device']), Path(p['out_dir'])
-    if dev.type == 'cuda' and world > 1: dev = torch.device('cuda', torch.cuda.current_device())
     seed_everything(p['seed'])  # the same head on every rank (DDP broadcasts rank 0's weights besides)
-    if task == 'cls':
-        train, val, classes, model, norm = build_classification(p)
-        crit = nn.CrossEntropyLoss(label_smoothing=p['label_smoothing'])  # a mean: DDP's average is the global batch's
-        evaluate, key, extra = (lambda m: eval_classification(m, val, norm, dev, p['precision'], workers=p['workers'])), 'top1', dict(classes=classes)
-    else:
-        train, val, model, norm, size = build_depth(p)
-        crit = SiLogLoss(p['silog_lambda'], sync=True)  # not a mean over images: its statistics are summed over the ranks
-        evaluate, key, extra = (lambda m: eval_depth(m, val, norm, dev, p, size, p['precision'], workers=p['workers'])), 'rmse', dict(crop=size)
-    model = model.to(dev)
-    groups = layer_decay_groups(model, p['lr'], p['weight_decay'], p['layer_decay'])
-    opt = torch.optim.AdamW([{k: v for k, v in g.items() if k != 'names'} for g in groups], lr=p['lr'], betas=(p['beta1'], p['beta2']))
-    ema = ModelEmaV3(model, decay=p['ema']) if p['ema'] else None
-    log, ck_path, start = MetricsLog(out/'metrics.jsonl'), out/'checkpoint.pt', 0
-    if (ck := _resume(ck_path, p, task, world, dev)) is not None:
-        model.load_state_dict(ck['model']); opt.load_state_dict(ck['optimizer'])
-        if ema is not None and ck.get('ema'): ema.module.load_state_dict(ck['ema'])
-        start = ck['step']
-        if rank == 0: log.truncate(start); print(f"resuming from {ck_path} at step {start}" + (
-            f" (saved by {ck.get('world_size', 1)} processes, now {world})" if ck.get('world_size', 1) != world else ''))
-    elif rank == 0 and log.path.exists(): log.path.unlink()
-    # DDP averages the gradients; batch norm takes the global batch's statistics; a dense encoder reads blocks,
-    # not the tower's head and last norm: unused parameters
-    net = (DDP(global_batchnorm(model), device_ids=[dev.index] if dev.type == 'cuda' else None, find_unused_parameters=task == 'depth')
-           if world > 1 else model)
-    if rank == 0: atomic_write_text(out/'params.yaml', yaml.safe_dump(p, sort_keys=False))
-    n_params, gb = sum(x.numel() for x in model.parameters()), p['batch_size'] * world
-    if rank == 0:
-        print(f"{task}: {p['encoder']} on {p['dataset']}: {len(train)} train / {len(val)} val, {n_params / 1e6:.2f}M parameters "
-              f"({sum(x.numel() for x in model.parameters() if x.requires_grad) / 1e6:.2f}M trained), {p['steps']} steps x batch {gb} "
-              f"({world} x {p['batch_size']}) = {p['steps'] * gb / len(train):.1f} epochs, lr {p['lr']} (layer decay {p['layer_decay']}), "
-              f"{dev}", flush=True)
-    def save(step):
-        if rank == 0: save_checkpoint(dict(step=step, task=task, model=model.state_dict(), optimizer=opt.state_dict(),
-                                           ema=ema.module.state_dict() if ema else None, params=p, world_size=world), ck_path)
-        barrier()  # no rank runs ahead of the checkpoint
-    loader = DataLoader(train, batch_sampler=StepBatches(len(train), p['batch_size'], p['seed'], start, p['steps'], rank, world),
-                        num_workers=p['workers'], collate_fn=_collate, persistent_workers=False)
-    step, t_log, n_log = start, time.perf_counter(), 0
-    bar = tqdm(total=p['steps'], initial=start, desc=task, mininterval=2, file=sys.stdout, disable=rank != 0)
+    dev, run, task = run_device(p['device']), RunFolder(p, _RESUME_KEYS, defaults), build(p)
+    model = task.model.to(dev)
+    opt, ema = _optimizer(model, p), ModelEmaV3(model, decay=p['ema']) if p['ema'] else None
+    start, net = _restore(run.resume(dev, task=task.name), model, opt, ema), _wrap(model, dev, task)
+    run.write_params()
+    if rank == 0: print(_describe(p, task, model, dev), flush=True)
+    loader = DataLoader(task.train, batch_sampler=StepBatches(len(task.train), p['batch_size'], p['seed'], start, p['steps'], rank, world),
+                        num_workers=p['workers'], collate_fn=_collate)
+    bar, t_log, n_log = progress(p['steps'], start, task.name), time.perf_counter(), 0
     model.train()
-    for x, y in loader:
-        lr = cosine_lr(step, p['lr'], p['warmup'], p['steps'], p['min_lr'])
+    for step, (x, y) in enumerate(loader, start + 1):
+        lr = cosine_lr(step - 1, p['lr'], p['warmup'], p['steps'], p['min_lr'])
         for g in opt.param_groups: g['lr'] = lr * g['lr_scale']
-        _fault(rank, step)  # QCLIP_FAIL_AT=rank:step, as in pretraining
-        torch.manual_seed(_mix(p['seed'], step, 3, *([rank] if rank else [])))  # stochastic depth: a function of (step, rank)
-        x, y = norm(x.to(dev, non_blocking=True)), y.to(dev, non_blocking=True)
-        with autocast(dev, p['precision']): loss = crit(net(x).float(), y)
+        _fault(rank, step - 1)  # QCLIP_FAIL_AT=rank:step, as in pretraining
+        torch.manual_seed(_mix(p['seed'], step - 1, 3, *([rank] if rank else [])))  # stochastic depth: a function of (step, rank)
+        x, y = task.norm(x.to(dev, non_blocking=True)), y.to(dev, non_blocking=True)
+        with autocast(dev, p['precision']): loss = task.loss(net(x).float(), y)
         opt.zero_grad(set_to_none=True); loss.backward()
         if p['grad_clip']: nn.utils.clip_grad_norm_(model.parameters(), p['grad_clip'])
         opt.step()
-        if ema is not None: ema.update(model, step=step)
-        step, n_log = step + 1, n_log + len(x) * world
-        bar.update(1)
-        last, do_eval = step == p['steps'], step % p['eval_every'] == 0 or step == p['steps']
-        if step % p['log_every'] == 0 or do_eval:
+        if ema is not None: ema.update(model, step=step - 1)
+        bar.update(1); n_log += len(x) * world
+        if (c := cadence(step, p)).log:
             row = dict(step=step, loss=all_reduce_mean(loss.item()), lr=lr, samples_per_s=n_log / (time.perf_counter() - t_log))
-            if do_eval: row.update(evaluate(ema.module if ema else model))  # every rank evaluates its share
-            if rank == 0: log.append(**row)
-            bar.set_postfix(loss=f"{row['loss']:.3f}", **({key: f"{row[key]:.3f}"} if key in row else {}))
+            if c.eval: row.update(task.evaluate(ema.module if ema else model, dev))  # every rank evaluates its share
+            run.append(**row); bar.set_postfix(loss=f"{row['loss']:.3f}", **({task.metric: f"{row[task.metric]:.3f}"} if c.eval else {}))
             t_log, n_log = time.perf_counter(), 0
-        if step % p['ckpt_every'] == 0 or last: save(step)
+        if c.ckpt: run.save(step=step, task=task.name, model=model.state_dict(), optimizer=opt.state_dict(),
+                            ema=ema.module.state_dict() if ema else None)
     bar.close()
-    rows = log.read() if rank == 0 else []
-    final = rows[-1] if rows else {}
-    if start >= p['steps']:  # nothing left to train: evaluate the checkpoint again
-        final = {'step': step, **evaluate(ema.module if ema else model)}
+    rows = run.rows()
+    final = {'step': start, **task.evaluate(ema.module if ema else model, dev)} if start >= p['steps'] else rows[-1] if rows else {}
     metrics = {k: v for k, v in final.items() if k not in ('lr', 'samples_per_s')}
-    summary = dict(task='classification' if task == 'cls' else 'depth', encoder=p['encoder'], dataset=p['dataset'],
-                   **({'mode': p['mode']} if task == 'cls' else {}), steps=step, world_size=world, global_batch=gb,
-                   params_M=round(n_params / 1e6, 3), **metrics, **extra)
-    if rank == 0:
-        save_weights(ema.module if ema else model, out/'model.safetensors')
-        plot_finetune(rows, out/'metrics.png', key, 'held-out top-1 accuracy (%)' if task == 'cls' else 'held-out RMSE (m)')
-        atomic_write_text(out/'results.json', json.dumps(summary, indent=1))
-    barrier()  # outputs are written before any rank returns
-    return summary
+    summary = dict(task.summary, steps=max(start, p['steps']), world_size=world, global_batch=p['batch_size'] * world,
+                   params_M=round(sum(x.numel() for x in model.parameters()) / 1e6, 3), **metrics)
+    return run.finish(summary, ema.module if ema else model, lambda rows, path: plot_finetune(rows, path, task.metric, task.title))
 
+# %% ../nbs/08a_finetune.ipynb #349c84f8
 def finetune_classification(**params)->dict:
     "Classification fine-tuning or linear probing of `params` (see `CLS_DEFAULTS`) on the processes asked for; writes into `out_dir`."
-    return run_job(finetune_classification, check_cls_params(**params), lambda p: _run(p, 'cls'))
+    return run_job(finetune_classification, check_cls_params(**params), lambda p: fit(p, classification_task, CLS_DEFAULTS))
 
 def finetune_depth(**params)->dict:
     "Depth fine-tuning of `params` (see `DEPTH_DEFAULTS`) on the processes asked for; writes into `out_dir`, returns the results."
-    return run_job(finetune_depth, check_depth_params(**params), lambda p: _run(p, 'depth'))
+    return run_job(finetune_depth, check_depth_params(**params), lambda p: fit(p, depth_task, DEPTH_DEFAULTS))

@@ -13,7 +13,8 @@ from .models import CLIP_MODELS, create_clip, feature_maps, get_tokenizer, load_
 from .heads import load_encoder, pooled_tower, depth_metrics, set_img_size
 from .data.synth import SYNTH_DATASETS, CLASSES
 from .finetune import SYNTH_LABELS, synth_arrays, _norm
-from .train import _device, retrieval
+from .train import retrieval
+from .harness import run_device
 
 # %% auto #0
 __all__ = ['RIDGE_GRID', 'WD_GRID', 'COCO_IOUS', 'PROBE_DEFAULTS', 'tower_features', 'standardize', 'fit_softmax', 'ridge',
@@ -350,7 +351,7 @@ def probe_encoder(**params)->dict:
     "All frozen read-outs of an encoder (see `PROBE_DEFAULTS`); writes into `out_dir`, returns the results."
     p = check_probe_params(**params)
     with run_lock(p['out_dir']) as out:
-        dev, t0 = _device(p['device']), time.time()
+        dev, t0 = run_device(p['device']), time.time()
         tower, clip, arch = _models(p)
         norm = _norm(tower)
         tr = synth_arrays(p['dataset'], 'train', p['synth_n'])

@@ -8,14 +8,14 @@ import argparse, hashlib, io, json, math, os, random, signal, sys, time, zipfile
 from collections import Counter
 from pathlib import Path
 import numpy as np, torch, torch.nn as nn, torch.nn.functional as F, open_clip, yaml, webdataset as wds
-from tqdm.auto import tqdm
-from .core import (Registry, cache_dir, check_choice, check_positive, atomic_path, atomic_write_text,
+from .core import (progress_bar, Registry, cache_dir, check_choice, check_positive, atomic_path, atomic_write_text,
                         seed_everything, save_checkpoint, load_checkpoint, MetricsLog)
 from .models import CLIP_MODELS, create_clip, get_tokenizer, register_open_clip_configs, save_weights
 from .data.shards import (DATASETS, BadCounter, BadSample, IMAGE_KEYS, find_shards, read_tar, ShardStream,
                                make_loader, dataset_spec, train_transform)
 from .data.augment import open_image, crop_resize, center_box, rrc_box, normalize_batch
 from .distributed import init_distributed, launch, launch_request, rank_world, barrier, dist_env
+from .harness import run_device
 
 # %% auto #0
 __all__ = ['COCA_CONFIGS', 'COCA_MODELS', 'SOT', 'EOT', 'PAD', 'DECODINGS', 'TEACHER_SLOT', 'TEACHER_SLOTS',
@@ -331,12 +331,6 @@ COCA_TRAIN_DEFAULTS = dict(
     grad_clip=1.0, precision='fp32', synth_n=4096, synth_size=64, seed=0, workers=1, log_every=10, ckpt_every=100,
     device='auto', out_dir='runs/coca')
 
-def _device(name:str)->torch.device:
-    if name == 'auto': return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
-    if name == 'cuda' and not torch.cuda.is_available():
-        raise ValueError("device='cuda' but no CUDA device is available; use device='cpu' or 'auto'")
-    return torch.device(check_choice('device', name, ['cpu', 'cuda']))
-
 def train_coca(**params)->dict:
     "Train a CoCa with open_clip's `CoCaLoss` (contrastive + captioning) on a dataset's captions; resumable."
     from open_clip.loss import CoCaLoss
@@ -347,7 +341,7 @@ def train_coca(**params)->dict:
     for k in ['steps', 'warmup', 'seed', 'workers']: p[k] = check_positive(k, p[k], allow_zero=True)
     for k in ['batch_size', 'synth_n', 'synth_size', 'log_every', 'ckpt_every']: p[k] = check_positive(k, p[k])
     COCA_MODELS[p['model']]; DATASETS[p['dataset']]
-    out, dev = Path(p['out_dir']), _device(p['device'])
+    out, dev = Path(p['out_dir']), run_device(p['device'])
     w = out/'model.safetensors'
     if (out/'results.json').exists() and yaml.safe_load((out/'params.yaml').read_text()) == p:
         return json.loads((out/'results.json').read_text())  # done
@@ -365,7 +359,7 @@ def train_coca(**params)->dict:
         model.load_state_dict(c['model']); opt.load_state_dict(c['optimizer']); step = c['step']; log.truncate(step)
     elif log.path.exists(): log.path.unlink()
     atomic_write_text(out/'params.yaml', yaml.safe_dump(p, sort_keys=False))
-    bar = tqdm(total=p['steps'], initial=step, desc='train CoCa', mininterval=2, file=sys.stdout)
+    bar = progress_bar(total=p['steps'], initial=step, desc='train CoCa', mininterval=2, file=sys.stdout)
     while step < p['steps']:
         chunk = step // p['ckpt_every']; n = min(p['ckpt_every'] * (chunk + 1), p['steps']) - step
         stream = ShardStream(shards, spec, p['caption_source'], tok, train_transform(size), p['batch_size'],
@@ -584,7 +578,7 @@ def reinforce(**params)->dict:
 
 def _reinforce(p:dict)->dict:
     rank, world = rank_world()
-    dev = _device(p['device'])
+    dev = run_device(p['device'])
     if dev.type == 'cuda' and world > 1: dev = torch.device('cuda', torch.cuda.current_device())
     out, t0, started = Path(p['out_dir']), time.perf_counter(), time.time()
     out.mkdir(parents=True, exist_ok=True)
@@ -604,7 +598,7 @@ def _reinforce(p:dict)->dict:
               f"{p['decoding']}", flush=True)
     if todo:
         cap = Captioner(p, dev)
-        bar = tqdm(desc=f'reinforce rank {rank}' if world > 1 else 'reinforce', unit='img', disable=rank != 0,
+        bar = progress_bar(desc=f'reinforce rank {rank}' if world > 1 else 'reinforce', unit='img', disable=rank != 0,
                    mininterval=2, file=sys.stdout)
         for _, url, path in todo: reinforce_shard(url, path, cap, bar)
         bar.close()

@@ -6,10 +6,10 @@
 from __future__ import annotations
 import json, math, os, sys, time
 from collections import Counter
+from types import SimpleNamespace
 from pathlib import Path
 import torch, torch.nn as nn, yaml
 import torch.distributed as dist
-from tqdm.auto import tqdm
 from timm.utils import ModelEmaV3
 from fastcore.script import call_parse, Param
 from .core import (check_choice, check_positive, seed_everything, save_checkpoint, load_checkpoint,
@@ -20,6 +20,7 @@ from .data.shards import (DATASETS, ShardStream, make_loader, find_shards, find_
                                eval_transform, dataset_spec, shard_weights, subset_shards, pair_dr_shards,
                                device_batches)
 from .data.augment import RangeAugment
+from .harness import RunFolder, cadence, progress, run_device
 from .distributed import (run_job, all_reduce_mean, barrier, unwrap, fsdp_wrap,
                                full_state, load_full_state, clip_grad_norm_, rank_world)
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -161,11 +162,6 @@ def retrieval(model, batches, device, precision='fp32')->dict:
                 val_i2t_r5=(ri < 5).float().mean().item(), val_t2i_r5=(rt < 5).float().mean().item(), val_n=n)
 
 # %% ../nbs/06_train.ipynb #01e7b8e4
-def _device(name:str)->torch.device:
-    if name == 'auto': return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
-    if name == 'cuda' and not torch.cuda.is_available(): raise ValueError("device='cuda' but no CUDA device is available; use device='cpu' or 'auto'")
-    return torch.device(name)
-
 _RESUME_KEYS = ('dataset', 'data_root', 'model', 'caption_source', 'seed', 'ckpt_every', 'synth_n', 'synth_size',
                 'dr_root', 'syn_key', 'data_weights', 'subset_samples', 'paug_replay', 'w0', 'w1', 'range_augment')  # + the global batch
 
@@ -230,25 +226,23 @@ def _split_ra_state(osd:dict)->tuple[dict, dict]:
             dict(state={j: osd['state'][i] for j, i in enumerate(last['params']) if i in osd['state']},
                  param_groups=[{**last, 'params': list(range(len(last['params'])))}]))
 
-# %% ../nbs/06_train.ipynb #cd95e94b
-def pretrain(**params)->dict:
-    "CLIP pretraining of `params` (see `PRETRAIN_DEFAULTS`); writes everything into `out_dir`, returns the summary."
-    return run_job(pretrain, check_params(**params), _pretrain)  # one job per out_dir, on the processes asked for
-
-def _pretrain(p:dict)->dict:
-    rank, world = rank_world()
-    dev, out = _device(p['device']), Path(p['out_dir'])
-    if dev.type == 'cuda' and world > 1: dev = torch.device('cuda', torch.cuda.current_device())
-    out.mkdir(parents=True, exist_ok=True)
-    seed_everything(p['seed'] + rank)
+# %% ../nbs/06_train.ipynb #cbcac22a
+def _data(p:dict)->SimpleNamespace:
+    "Where the run's samples come from: training shards (source weights, a Fig. 2 subset, DataCompDR pairs), held-out shards."
     spec = dataset_spec(p['dataset'], p['syn_key'] or None)
     synth = dict(n=p['synth_n'], size=p['synth_size']) if spec.synthetic else {}
-    train_shards = find_shards(p['dataset'], p['data_root'], 'train', **synth)
+    train = find_shards(p['dataset'], p['data_root'], 'train', **synth)
     weights, limits = shard_weights(find_sources(p['dataset'], p['data_root'], 'train', **synth), p['data_weights']), {}
     if p['subset_samples']:  # Fig. 2: the first N samples, nested across subset sizes
-        train_shards, limits = subset_shards(train_shards, p['subset_samples']); weights = weights and weights[:len(train_shards)]
-    dr_shards = pair_dr_shards(train_shards, find_shards(p['dataset'], p['dr_root'], 'train')) if p['dr_root'] else None
-    val_shards = find_shards(p['dataset'], p['data_root'], 'val', **({**synth, 'n': p['val_images']} if synth else {}))
+        train, limits = subset_shards(train, p['subset_samples']); weights = weights and weights[:len(train)]
+    dr = pair_dr_shards(train, find_shards(p['dataset'], p['dr_root'], 'train')) if p['dr_root'] else None
+    val = find_shards(p['dataset'], p['data_root'], 'val', **({**synth, 'n': p['val_images']} if synth else {}))
+    return SimpleNamespace(spec=spec, train=train, weights=weights, limits=limits, dr=dr, val=val)
+
+# %% ../nbs/06_train.ipynb #05a3139e
+def _model(p:dict, dev:torch.device)->SimpleNamespace:
+    "The CLIP model and what trains it: its DDP/FSDP wrapper, EMA, AdamW, the loss, RangeAugment with its own AdamW."
+    world = rank_world()[1]
     model = create_clip(p['model'], grad_checkpointing=p['grad_checkpointing']).to(dev)
     # DDP broadcasts rank 0's weights now and averages gradients in backward; `model` stays the plain module.
     # FSDP shards `model` in place, after rank 0's initial weights are broadcast as DDP would
@@ -260,107 +254,122 @@ def _pretrain(p:dict)->dict:
         if ema is not None: fsdp_wrap(ema.module)  # each rank averages its own shards (timm's update works on them)
     else: net = DDP(model, device_ids=[dev.index] if dev.type == 'cuda' else None) if world > 1 else model
     if p['torch_compile']: net = torch.compile(net)  # the step's forward; evaluation and checkpoints use `model` itself
-    tok, size = get_tokenizer(p['model']), model.visual.image_size
-    size = size[0] if isinstance(size, (tuple, list)) else size
+    size = model.visual.image_size
     opt = torch.optim.AdamW(param_groups(model, p['weight_decay']), lr=p['lr'], betas=(p['beta1'], p['beta2']),
                             eps=p['eps'], fused=True)
     if ema is None and p['ema']: ema = ModelEmaV3(model, decay=p['ema'])
     loss_kw = dict(local_loss=p['local_loss'], gather_with_grad=p['gather_with_grad'])
-    loss_fn = DistillClipLoss(p['w0'], p['w1'], **loss_kw) if (p['w1'] or p['w0'] != 1) else ClipLoss(**loss_kw)
     ra = RangeAugment().to(dev) if p['range_augment'] else None
     # its own AdamW, the update one more group of `opt` would make: FSDP's optimizer state covers the model's parameters
     ra_opt = (torch.optim.AdamW(ra.parameters(), lr=p['lr'], betas=(p['beta1'], p['beta2']), eps=p['eps'],
                                 weight_decay=0., fused=True) if ra is not None else None)
-    opts = [opt] + ([ra_opt] if ra_opt is not None else [])
-    ra_net = DDP(ra) if ra is not None and world > 1 else ra  # its ranges are learned too: keep them equal on every rank
-    tally = BadTally()  # failed reads and distinct bad samples, by kind, over all ranks
-    log, ck_path, start = MetricsLog(out/'metrics.jsonl'), out/'checkpoint.pt', 0
-    if p['resume'] and ck_path.exists():
-        ck = load_checkpoint(ck_path, map_location=dev)
-        changed = {k: (ck['params'].get(k, PRETRAIN_DEFAULTS[k]), p[k]) for k in _RESUME_KEYS if ck['params'].get(k, PRETRAIN_DEFAULTS[k]) != p[k]}
-        saved_world = ck.get('world_size', 1)  # the checkpoint is one replica: any world size with the same global batch resumes it
-        if ck['params']['batch_size'] * saved_world != p['batch_size'] * world:
-            changed['global batch_size'] = (ck['params']['batch_size'] * saved_world, p['batch_size'] * world)
-        if changed: raise ValueError(f"out_dir={str(out)!r} holds a checkpoint of a different run {changed} (saved, now); "
-                                     "use another out_dir or resume=False")
-        osd, ra_osd = ck['optimizer'], ck.get('range_augment_opt')
-        if ra is not None and 'range_augment_opt' not in ck: osd, ra_osd = _split_ra_state(osd)  # an older checkpoint
-        load_full_state(model, opt, ck['model'], osd)  # plain or FSDP-sharded, whoever saved it
-        if ema is not None and ck.get('ema'): load_full_state(ema.module, None, ck['ema'])
-        if ra is not None and ck.get('range_augment'): ra.load_state_dict(ck['range_augment'])
-        if ra_opt is not None and ra_osd: ra_opt.load_state_dict(ra_osd)
-        tally = BadTally(ck.get('bad'), ck.get('bad_ids'))
-        start = ck['step']
-        if rank == 0: log.truncate(start); print(f"resuming from {ck_path} at step {start}" + (f" (saved by {saved_world} processes, now {world})" if saved_world != world else ''))
-    elif rank == 0 and log.path.exists(): log.path.unlink()
-    if rank == 0: atomic_write_text(out/'params.yaml', yaml.safe_dump(p, sort_keys=False))
-    eval_stream = lambda: ShardStream(val_shards, spec, 'syn' if spec.syn_key and not p['dr_root'] else 'gt', tok, eval_transform(size),
-                                      min(256, p['batch_size']), seed=p['seed'], train=False, normalize=False)
-    evaluate = lambda: retrieval(ema.module if ema else model, device_batches(make_loader(eval_stream()), dev), dev,
-                                 p['precision'])
-    step, t_log, n_log = start, time.perf_counter(), 0
-    if p['steps'] == 0 and rank == 0 and not log.path.exists():  # the untrained model: the floor (R@1 at chance)
-        log.append(step=0, samples_seen=0, bad_samples=0, bad_reads=0, **(evaluate() if val_shards else {}))
-    bar = tqdm(total=p['steps'], initial=start, desc='pretrain', disable=rank != 0, mininterval=2, file=sys.stdout)
-    model.train()
-    while step < p['steps']:
-        chunk = step // p['ckpt_every']
-        n = min(p['ckpt_every'] * (chunk + 1), p['steps']) - step
-        stream = ShardStream(train_shards, spec, p['caption_source'], tok, train_transform(size), p['batch_size'],
-                             seed=p['seed'], chunk=chunk, rank=rank, world_size=world, weights=weights, limits=limits,
-                             teacher=p['w1'] > 0, paug=p['paug_replay'], extras=True, max_bad_frac=p['max_bad_frac'],
-                             dr_shards=dr_shards, normalize=False)
-        # uint8 batches, page-locked on CUDA, copied one batch ahead and normalised on the device: no copy waits
-        for b in device_batches(make_loader(stream, n, p['workers'], pin_memory=dev.type == 'cuda'), dev):
-            images, texts = b['images'], b['texts']
-            tally.add(b)
-            teacher = (b['image_emb'], b['text_emb'].transpose(0, 1)) if p['w1'] > 0 else None
-            lr = cosine_lr(step, p['lr'], p['warmup'], p['steps'], p['min_lr'])
-            for g in (g for o in opts for g in o.param_groups): g['lr'] = lr
-            _fault(rank, step)
-            loss = clip_step(net, images, texts, loss_fn, opts, p['precision'], p['grad_clip'], teacher=teacher,
-                             augment=None if ra is None else  # RangeAugment's draws: a function of (seed, rank, step)
-                                 (lambda x, s=step: ra_net(x, s, p['steps'], seed=p['seed'] * 100_003 + rank)))
-            if ema is not None: ema.update(model, step=step)
-            step, n_log = step + 1, n_log + len(images) * world
-            bar.update(1)
-            last = step == p['steps']
-            do_eval = bool(val_shards) and (step % p['eval_every'] == 0 or last)
-            if step % p['log_every'] == 0 or last or do_eval:
-                loss = all_reduce_mean(loss)  # every rank's local-loss share, averaged: the global-batch loss
-                tally.sync()  # every rank's failed reads and bad samples so far
-                dt = time.perf_counter() - t_log
-                ev = evaluate() if do_eval and (rank == 0 or fsdp) else {}  # under FSDP every rank takes part
-            if rank == 0 and (step % p['log_every'] == 0 or last or do_eval):
-                row = dict(step=step, loss=loss, lr=lr, logit_scale=model.logit_scale.exp().item(),
-                           samples_per_s=n_log / dt, samples_seen=step * p['batch_size'] * world, **tally.row())
-                row.update(ev)
-                log.append(**row); bar.set_postfix(loss=f"{row['loss']:.3f}", **({'R@1': f"{row['val_i2t_r1']:.2f}"} if 'val_i2t_r1' in row else {}))
-                t_log, n_log = time.perf_counter(), 0
-        msd, osd = full_state(model, opt)  # a collective under FSDP: the full state with plain keys, on rank 0
-        esd = full_state(ema.module)[0] if ema is not None else None
-        tally.sync()
-        if rank == 0:  # one replica's state: resumable at any world size, with DDP or FSDP
-            save_checkpoint(dict(step=step, model=msd, optimizer=osd, ema=esd, params=p, world_size=world,
-                                 range_augment=ra.state_dict() if ra is not None else None,
-                                 range_augment_opt=ra_opt.state_dict() if ra_opt is not None else None,
-                                 **tally.state()), ck_path)
-        barrier()  # no rank runs ahead of the checkpoint (nor waits for rank 0's evaluation inside a collective)
-    bar.close()
-    rows = log.read() if rank == 0 else []
+    return SimpleNamespace(model=model, net=net, ema=ema, fsdp=fsdp, opt=opt, ra=ra, ra_opt=ra_opt,
+                           opts=[opt] + ([ra_opt] if ra_opt is not None else []), tok=get_tokenizer(p['model']),
+                           size=size[0] if isinstance(size, (tuple, list)) else size,
+                           ra_net=DDP(ra) if ra is not None and world > 1 else ra,  # learned ranges: equal on every rank
+                           loss_fn=DistillClipLoss(p['w0'], p['w1'], **loss_kw) if (p['w1'] or p['w0'] != 1) else ClipLoss(**loss_kw))
+
+# %% ../nbs/06_train.ipynb #abd14555
+def _restore(ck:dict|None, m:SimpleNamespace)->tuple[BadTally, int]:
+    "A checkpoint's state into the model, EMA, optimizers and RangeAugment (plain or FSDP, whoever saved it); (tally, step)."
+    if ck is None: return BadTally(), 0
+    osd, ra_osd = ck['optimizer'], ck.get('range_augment_opt')
+    if m.ra is not None and 'range_augment_opt' not in ck: osd, ra_osd = _split_ra_state(osd)  # an older checkpoint
+    load_full_state(m.model, m.opt, ck['model'], osd)
+    if m.ema is not None and ck.get('ema'): load_full_state(m.ema.module, None, ck['ema'])
+    if m.ra is not None and ck.get('range_augment'): m.ra.load_state_dict(ck['range_augment'])
+    if m.ra_opt is not None and ra_osd: m.ra_opt.load_state_dict(ra_osd)
+    return BadTally(ck.get('bad'), ck.get('bad_ids')), ck['step']
+
+def _evaluate(p:dict, data:SimpleNamespace, m:SimpleNamespace, dev:torch.device)->dict:
+    "Held-out retrieval recall of the model (its EMA when there is one)."
+    stream = ShardStream(data.val, data.spec, 'syn' if data.spec.syn_key and not p['dr_root'] else 'gt', m.tok,
+                         eval_transform(m.size), min(256, p['batch_size']), seed=p['seed'], train=False, normalize=False)
+    return retrieval(m.ema.module if m.ema else m.model, device_batches(make_loader(stream), dev), dev, p['precision'])
+
+# %% ../nbs/06_train.ipynb #471bc0c1
+def _train_chunk(p:dict, data, m, run:RunFolder, tally:BadTally, step:int, dev, bar, meter)->int:
+    "Train from `step` to the end of its chunk of `ckpt_every` steps (the data stream is a function of the chunk); the new step."
+    rank, world = rank_world()
+    chunk = step // p['ckpt_every']
+    stream = ShardStream(data.train, data.spec, p['caption_source'], m.tok, train_transform(m.size), p['batch_size'],
+                         seed=p['seed'], chunk=chunk, rank=rank, world_size=world, weights=data.weights, limits=data.limits,
+                         teacher=p['w1'] > 0, paug=p['paug_replay'], extras=True, max_bad_frac=p['max_bad_frac'],
+                         dr_shards=data.dr, normalize=False)
+    n = min(p['ckpt_every'] * (chunk + 1), p['steps']) - step
+    # uint8 batches, page-locked on CUDA, copied one batch ahead and normalised on the device: no copy waits
+    for b in device_batches(make_loader(stream, n, p['workers'], pin_memory=dev.type == 'cuda'), dev):
+        tally.add(b)
+        lr = cosine_lr(step, p['lr'], p['warmup'], p['steps'], p['min_lr'])
+        for g in (g for o in m.opts for g in o.param_groups): g['lr'] = lr
+        _fault(rank, step)
+        loss = clip_step(m.net, b['images'], b['texts'], m.loss_fn, m.opts, p['precision'], p['grad_clip'],
+                         teacher=(b['image_emb'], b['text_emb'].transpose(0, 1)) if p['w1'] > 0 else None,
+                         augment=None if m.ra is None else  # RangeAugment's draws: a function of (seed, rank, step)
+                             (lambda x, s=step: m.ra_net(x, s, p['steps'], seed=p['seed'] * 100_003 + rank)))
+        if m.ema is not None: m.ema.update(m.model, step=step)
+        step, meter.n = step + 1, meter.n + len(b['images']) * world
+        bar.update(1)
+        if (c := cadence(step, p, can_eval=bool(data.val))).log:
+            loss = all_reduce_mean(loss)  # every rank's local-loss share, averaged: the global-batch loss
+            tally.sync()  # every rank's failed reads and bad samples so far
+            dt = time.perf_counter() - meter.t
+            ev = _evaluate(p, data, m, dev) if c.eval and (rank == 0 or m.fsdp) else {}  # under FSDP every rank takes part
+            if rank == 0:
+                run.append(step=step, loss=loss, lr=lr, logit_scale=m.model.logit_scale.exp().item(), samples_per_s=meter.n / dt,
+                           samples_seen=step * p['batch_size'] * world, **tally.row(), **ev)
+                bar.set_postfix(loss=f"{loss:.3f}", **({'R@1': f"{ev['val_i2t_r1']:.2f}"} if ev else {}))
+            meter.t, meter.n = time.perf_counter(), 0
+    return step
+
+# %% ../nbs/06_train.ipynb #2be875ea
+def _save(run:RunFolder, m:SimpleNamespace, tally:BadTally, step:int):
+    "One replica's state (resumable at any world size, with DDP or FSDP): a collective under FSDP, written by rank 0."
+    msd, osd = full_state(m.model, m.opt)
+    esd = full_state(m.ema.module)[0] if m.ema is not None else None
+    tally.sync()
+    run.save(step=step, model=msd, optimizer=osd, ema=esd, range_augment=m.ra.state_dict() if m.ra is not None else None,
+             range_augment_opt=m.ra_opt.state_dict() if m.ra_opt is not None else None, **tally.state())
+
+def _finish(p:dict, run:RunFolder, m:SimpleNamespace, tally:BadTally, step:int)->dict:
+    "The summary, the final (EMA) weights with plain keys, the plot and results.json."
+    rank, world = rank_world()
+    rows = run.rows()
     tally.sync()
     if rank == 0 and tally.reads: print(tally.describe(), flush=True)
-    summary = dict(steps=step, samples_seen=step * p['batch_size'] * world, world_size=world, out_dir=str(out),
+    summary = dict(steps=step, samples_seen=step * p['batch_size'] * world, world_size=world, out_dir=str(run.out),
                    bad_samples=tally.samples(), bad_reads=dict(sorted(tally.reads.items())),
                    **{k: v for r in rows for k, v in r.items() if k.startswith('val_') or k in ('loss', 'step')})
-    final = full_state(ema.module if ema is not None else model)[0] if fsdp else None  # a collective
+    final = full_state(m.ema.module if m.ema is not None else m.model)[0] if m.fsdp else None  # a collective
+    weights = None
     if rank == 0:
-        if fsdp: plain = create_clip(p['model']); plain.load_state_dict(final)
-        save_weights(plain if fsdp else ema.module if ema else model, out/'model.safetensors')
-        plot_metrics(rows, out/'metrics.png')
-        atomic_write_text(out/'results.json', json.dumps(summary, indent=1))
-    barrier()  # outputs are written before any rank returns
-    return summary
+        if m.fsdp: weights = create_clip(p['model']); weights.load_state_dict(final)
+        else: weights = m.ema.module if m.ema else m.model
+    return run.finish(summary, weights, plot_metrics)
+
+# %% ../nbs/06_train.ipynb #9aea4880
+def _pretrain(p:dict)->dict:
+    "Every rank's pretraining: data, model, resume, chunks of `ckpt_every` steps each ending in a checkpoint, outputs."
+    rank = rank_world()[0]
+    run, dev = RunFolder(p, _RESUME_KEYS, PRETRAIN_DEFAULTS), run_device(p['device'])
+    seed_everything(p['seed'] + rank)
+    data = _data(p)
+    m = _model(p, dev)
+    tally, step = _restore(run.resume(dev), m)  # a checkpoint of this run (any world size with its global batch)
+    run.write_params()
+    if p['steps'] == 0 and rank == 0 and not run.log.path.exists():  # the untrained model: the floor (R@1 at chance)
+        run.append(step=0, samples_seen=0, bad_samples=0, bad_reads=0, **(_evaluate(p, data, m, dev) if data.val else {}))
+    bar, meter = progress(p['steps'], step, 'pretrain'), SimpleNamespace(t=time.perf_counter(), n=0)
+    m.model.train()
+    while step < p['steps']:
+        step = _train_chunk(p, data, m, run, tally, step, dev, bar, meter)
+        _save(run, m, tally, step)  # no rank runs ahead of it (nor waits for rank 0's evaluation inside a collective)
+    bar.close()
+    return _finish(p, run, m, tally, step)
+
+def pretrain(**params)->dict:
+    "CLIP pretraining of `params` (see `PRETRAIN_DEFAULTS`); writes everything into `out_dir`, returns the summary."
+    return run_job(pretrain, check_params(**params), _pretrain)  # one job per out_dir, on the processes asked for
 
 # %% ../nbs/06_train.ipynb #c59e9373
 def parse_overrides(items:list[str])->dict:

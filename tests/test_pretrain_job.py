@@ -23,6 +23,10 @@ def test_papermill_run_writes_outputs(tmp_path):
     import open_clip, qclip.models  # registers qclip's configs
     m = open_clip.create_model('tiny-vit', pretrained=str(out/'model.safetensors'))
     torch.testing.assert_close(m.state_dict()['logit_scale'], load_file(out/'model.safetensors')['logit_scale'])
+    # the record shows the progress as text, to 100% (a widget would leave a frozen 0% there: ipywidgets is installed)
+    outs = [o for c in json.loads((tmp_path/'out.ipynb').read_text())['cells'] for o in c.get('outputs', [])]
+    assert not any('application/vnd.jupyter.widget-view+json' in o.get('data', {}) for o in outs)
+    assert 'pretrain: 100%' in ''.join(''.join(o.get('text', '')) for o in outs)
 
 def test_zero_steps_writes_the_untrained_model(tmp_path):
     "steps=0 (the random-init floor of the downstream tables): the seeded initial weights, results at step 0, no plot."
