@@ -14,7 +14,7 @@ timeout 330 python3 experiments/bench_mfu.py --model ViT-B-16 --batch 512 --vari
 # 2. the pretrain job itself on the GPU (tiny model, built-in data): the CUDA path runs end to end
 timeout 120 python3 -c "
 from qclip.train import pretrain
-r = pretrain(device='cuda', precision='bf16', model='tiny-vit', steps=40, batch_size=256, synth_n=2048, val_images=256,
+r = pretrain(device='cuda', precision='bf16', model='tiny-vit', steps=40, batch_size=256, synth_n=2048, synth_val=256,
              eval_every=40, ckpt_every=20, log_every=10, workers=4, out_dir='/tmp/pretrain_cuda')
 print({k: r[k] for k in ('steps', 'loss', 'val_i2t_r1')})
 import json; print(open('/tmp/pretrain_cuda/metrics.jsonl').read())

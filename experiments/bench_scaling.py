@@ -77,7 +77,7 @@ def run_pretrain(args, n):
     "The whole loop, via `qclip_pretrain` with the launch request `qclip launch` would set."
     out = Path(tempfile.mkdtemp(prefix='bench_scaling_'))/f'n{n}'
     params = dict(model=args.model, steps=args.steps + 2 * args.log_every, batch_size=args.batch_size, log_every=args.log_every,
-                  eval_every=10**6, ckpt_every=10**6, warmup=1, synth_n=args.synth_n, val_images=64, workers=args.workers,
+                  eval_every=10**6, ckpt_every=10**6, warmup=1, synth_n=args.synth_n, synth_val=64, workers=args.workers,
                   precision=args.precision, out_dir=str(out))
     env = {**os.environ, 'QCLIP_NPROC_PER_NODE': str(n), 'OMP_NUM_THREADS': os.environ['OMP_NUM_THREADS']}
     subprocess.run([str(Path(sys.executable).with_name('qclip_pretrain')), *[f'{k}={v}' for k, v in params.items()]],

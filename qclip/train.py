@@ -62,7 +62,7 @@ PRETRAIN_DEFAULTS = dict(
     workers=1,                  # data loader processes per rank
     log_every=10, eval_every=50, ckpt_every=50,
     synth_n=8192, synth_size=64,# built-in datasets: training images and their side in pixels
-    val_images=512,             # held-out images for retrieval R@1 (built-in datasets)
+    synth_val=512,              # held-out images for retrieval R@1 (built-in datasets)
     device='auto',              # auto | cpu | cuda
     out_dir='runs/pretrain',
     resume=True,                # continue from out_dir/checkpoint.pt when it exists
@@ -89,7 +89,7 @@ def check_params(**params)->dict:
     check_choice('precision', p['precision'], PRECISIONS)
     check_choice('parallel', p['parallel'], ['ddp', 'fsdp'])
     check_choice('device', p['device'], ['auto', 'cpu', 'cuda'])
-    for k in ['batch_size', 'log_every', 'eval_every', 'ckpt_every', 'synth_n', 'synth_size', 'val_images']:
+    for k in ['batch_size', 'log_every', 'eval_every', 'ckpt_every', 'synth_n', 'synth_size', 'synth_val']:
         p[k] = check_positive(k, p[k])
     for k in ['steps', 'warmup', 'workers', 'seed']: p[k] = check_positive(k, p[k], allow_zero=True)
     p['lr'] = check_positive('lr', p['lr'], float)
@@ -236,7 +236,7 @@ def _data(p:dict)->SimpleNamespace:
     if p['subset_samples']:  # Fig. 2: the first N samples, nested across subset sizes
         train, limits = subset_shards(train, p['subset_samples']); weights = weights and weights[:len(train)]
     dr = pair_dr_shards(train, find_shards(p['dataset'], p['dr_root'], 'train')) if p['dr_root'] else None
-    val = find_shards(p['dataset'], p['data_root'], 'val', **({**synth, 'n': p['val_images']} if synth else {}))
+    val = find_shards(p['dataset'], p['data_root'], 'val', **({**synth, 'n': p['synth_val']} if synth else {}))
     return SimpleNamespace(spec=spec, train=train, weights=weights, limits=limits, dr=dr, val=val)
 
 # %% ../nbs/06_train.ipynb #05a3139e

@@ -12,7 +12,7 @@ ROOT = Path(__file__).parents[1]
 NB = ROOT/'nbs'/'10_pretrain.ipynb'
 BIN = Path(sys.executable).parent
 # global batch 16: 2 processes x 8 against 1 x 16; lr small enough that the curve is not dominated by single spikes
-TINY = dict(steps=8, warmup=2, lr=2e-4, log_every=1, eval_every=4, ckpt_every=4, synth_n=256, val_images=64, workers=0)
+TINY = dict(steps=8, warmup=2, lr=2e-4, log_every=1, eval_every=4, ckpt_every=4, synth_n=256, synth_val=64, workers=0)
 ENV = {**os.environ, 'OMP_NUM_THREADS': '1'}
 # Stated tolerance for the loss curves (eq. 1 summed over gt+syn; 2 log 16 = 5.55 at chance). The ranks draw their own
 # samples (ShardStream seeds by rank; rank 0's stream is the 1-process stream), so the curves agree statistically, not

@@ -8,7 +8,7 @@ from qclip.distributed import launch, RankFailedError
 from qclip.train import pretrain
 
 # global batch 16 = 2 x 8; ema and range_augment on (the paper's ViT-B/16 recipe)
-P = dict(steps=8, batch_size=8, warmup=2, lr=2e-4, log_every=1, eval_every=4, ckpt_every=4, synth_n=256, val_images=64,
+P = dict(steps=8, batch_size=8, warmup=2, lr=2e-4, log_every=1, eval_every=4, ckpt_every=4, synth_n=256, synth_val=64,
          workers=0, ema=0.9, range_augment=True)
 
 def _rows(d): return [json.loads(l) for l in (Path(d)/'metrics.jsonl').read_text().splitlines()]

@@ -19,7 +19,7 @@ def test_gpu_profile_dry_runs(spec, n):
     assert r.returncode == 0 and r.stdout.count('would run') == n, r.stdout[-2000:] + r.stderr[-2000:]
 
 # the gpu profile's parameters, shrunk: everything that sets a size or a length, and the device
-TINY = dict(pretrain=dict(steps=2, batch_size=8, warmup=1, synth_n=64, val_images=32, eval_every=2, ckpt_every=2, log_every=1,
+TINY = dict(pretrain=dict(steps=2, batch_size=8, warmup=1, synth_n=64, synth_val=32, eval_every=2, ckpt_every=2, log_every=1,
                           workers=1, device='cpu'),
             probes=dict(synth_n=64, synth_val=32, dense_n=32, batch_size=32, device='cpu'),
             finetune=dict(steps=2, batch_size=8, warmup=1, synth_n=32, synth_val=16, workers=1, device='cpu'),

@@ -19,7 +19,7 @@ from selenium.webdriver.support import expected_conditions as EC
 from selenium.webdriver.support.ui import WebDriverWait
 
 # what a person would type below the parameters cell to try the notebook quickly (out_dir is appended)
-TINY = ('steps, batch_size, warmup, synth_n, val_images = 4, 16, 1, 128, 32\n'
+TINY = ('steps, batch_size, warmup, synth_n, synth_val = 4, 16, 1, 128, 32\n'
         'log_every, eval_every, ckpt_every, workers = 1, 2, 2, 0\n')
 # the page's state, read in one go: code-cell prompts ("[3]:", "[*]:", "[ ]:"), stderr outputs, plot images,
 # ipywidgets progress bars, and outputs that look like a text progress bar or a widget that failed to render

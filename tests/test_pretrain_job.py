@@ -5,7 +5,7 @@ import papermill as pm, pytest, torch, yaml
 from safetensors.torch import load_file
 
 NB = Path(__file__).parents[1]/'nbs'/'10_pretrain.ipynb'
-TINY = dict(steps=6, batch_size=16, warmup=2, log_every=2, eval_every=3, ckpt_every=3, synth_n=256, val_images=64, workers=0)
+TINY = dict(steps=6, batch_size=16, warmup=2, log_every=2, eval_every=3, ckpt_every=3, synth_n=256, synth_val=64, workers=0)
 
 def _run(tmp_path, **params):
     return pm.execute_notebook(str(NB), str(tmp_path/'out.ipynb'), parameters=params, kernel_name='python3',

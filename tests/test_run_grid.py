@@ -13,7 +13,7 @@ def _qclip(*args, cwd):
 
 def test_grid_runs_each_cell_once_then_skips(tmp_path):
     spec = dict(notebook=str(ROOT/'nbs'/'10_pretrain.ipynb'), out_root='runs/grid',
-                params=dict(steps=2, batch_size=8, warmup=1, log_every=1, eval_every=2, ckpt_every=2, synth_n=256, val_images=64, workers=0),
+                params=dict(steps=2, batch_size=8, warmup=1, log_every=1, eval_every=2, ckpt_every=2, synth_n=256, synth_val=64, workers=0),
                 grid=dict(caption_source=['gt', 'syn']))
     (tmp_path/'grid.yaml').write_text(yaml.safe_dump(spec))
     r = _qclip('run', 'grid.yaml', '--local', cwd=tmp_path)
@@ -55,7 +55,7 @@ def test_staged_runs_side_by_side(tmp_path):
     "`--jobs 2`: the pretraining runs overlap in time, each linear probe starts once its own encoder is done, a failed "
     "run blocks only what follows it, and a second invocation skips every finished run."
     from datetime import datetime
-    pre = dict(steps=2, batch_size=8, warmup=1, log_every=1, eval_every=2, ckpt_every=2, synth_n=256, val_images=64, workers=0)
+    pre = dict(steps=2, batch_size=8, warmup=1, log_every=1, eval_every=2, ckpt_every=2, synth_n=256, synth_val=64, workers=0)
     spec = dict(out_root='runs/staged', stages=dict(
         pretrain=dict(notebook=str(ROOT/'nbs'/'10_pretrain.ipynb'), params=pre, grid=[dict(seed=[0, 1]), dict(seed=[2], lr=[-1.0])]),
         linear=dict(notebook=str(ROOT/'nbs'/'20_classification.ipynb'), after='pretrain',
@@ -87,7 +87,7 @@ def test_stopping_qclip_run_stops_its_runs_and_they_resume(tmp_path):
     "leaving no orphan processes; the same command then resumes both from their checkpoints."
     import signal, psutil
     spec = dict(notebook=str(ROOT/'nbs'/'10_pretrain.ipynb'), out_root='runs/stop',
-                params=dict(steps=150, batch_size=8, warmup=1, log_every=5, eval_every=1000, ckpt_every=5, synth_n=256, val_images=64, workers=0),
+                params=dict(steps=150, batch_size=8, warmup=1, log_every=5, eval_every=1000, ckpt_every=5, synth_n=256, synth_val=64, workers=0),
                 grid=dict(seed=[0, 1]))
     (tmp_path/'stop.yaml').write_text(yaml.safe_dump(spec))
     p = subprocess.Popen([str(BIN/'qclip'), 'run', 'stop.yaml', '--jobs', '2'], cwd=tmp_path, stdout=subprocess.PIPE,

@@ -9,7 +9,7 @@ ROOT = Path(__file__).parents[1]
 BIN = Path(sys.executable).parent
 NB = ROOT/'nbs'/'10_pretrain.ipynb'
 # a first job that trains until the test stops it, so that a second one surely starts while it runs
-LONG = dict(steps=100_000, batch_size=16, warmup=2, log_every=5, eval_every=150, ckpt_every=50, synth_n=256, val_images=64, workers=0)
+LONG = dict(steps=100_000, batch_size=16, warmup=2, log_every=5, eval_every=150, ckpt_every=50, synth_n=256, synth_val=64, workers=0)
 ENV = {**os.environ, 'OMP_NUM_THREADS': '1'}
 
 def _wait_for_holder(d:Path, proc, timeout=240):

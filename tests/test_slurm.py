@@ -8,7 +8,7 @@ import psutil, pytest, submitit
 from qclip.jobs import NotebookJob, slurm_executor
 
 ROOT = Path(__file__).parents[1]
-PARAMS = dict(steps=12, batch_size=8, warmup=1, log_every=1, eval_every=100, ckpt_every=3, synth_n=256, val_images=64, workers=0)
+PARAMS = dict(steps=12, batch_size=8, warmup=1, log_every=1, eval_every=100, ckpt_every=3, synth_n=256, synth_val=64, workers=0)
 
 def test_preempted_job_requeues_and_resumes(tmp_path, monkeypatch):
     monkeypatch.setenv('OMP_NUM_THREADS', '2')
