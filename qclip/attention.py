@@ -10,9 +10,9 @@ import open_clip, pandas as pd, timm, torch, torch.nn as nn, torch.nn.functional
 import webdataset as wds
 from torch import Tensor
 from tqdm import tqdm
-from timm.models.vision_transformer import VisionTransformer as TimmViT
 from .core import atomic_path, atomic_write_text, check_choice, check_positive, run_lock, seed_everything
 from .models import CLIP_MODELS, IMAGE_ENCODERS, create_clip, create_image_encoder
+from .encoders import adapter
 from .data.synth import DEFAULT_N, SYNTH_DATASETS, synth_shards
 from timm.layers import Attention as TimmAttention
 from open_clip.transformer import Attention as OpenClipAttention
@@ -89,18 +89,12 @@ def _hooks(attn:nn.Module, layer:int, state:dict)->list:
 # %% ../nbs/09_attention.ipynb #a44a6cec
 def vit_parts(model:nn.Module)->dict:
     "Encoder, forward function, per-layer attention modules, patch size and prefix-token count of a ViT."
-    enc = getattr(model, 'visual', model)  # open_clip CLIP -> image tower
-    enc = getattr(enc, 'trunk', enc)       # open_clip TimmModel -> timm ViT
-    if hasattr(enc, 'blocks') and hasattr(enc, 'patch_embed'):  # timm VisionTransformer
-        pe = enc.patch_embed
-        return dict(encoder=enc, forward=enc.forward_features, attns=[b.attn for b in enc.blocks],
-                    patch_size=tuple(pe.patch_size), num_prefix=enc.num_prefix_tokens,
-                    grid=lambda hw: tuple(pe.dynamic_feat_size(hw)))
-    if hasattr(enc, 'transformer') and hasattr(enc, 'conv1'):  # open_clip VisionTransformer: CLS first
-        ps = tuple(enc.patch_size)
-        return dict(encoder=enc, forward=enc, attns=[b.attn for b in enc.transformer.resblocks], patch_size=ps,
-                    num_prefix=1, grid=lambda hw: (hw[0] // ps[0], hw[1] // ps[1]))
-    raise TypeError(f'{type(model).__name__} is not a supported ViT (timm VisionTransformer or open_clip CLIP/VisionTransformer)')
+    a = adapter(getattr(model, 'visual', model), missing_ok=True)  # open_clip CLIP -> its image tower
+    if a is None or not a.is_vit:
+        raise TypeError(f'{type(model).__name__} is not a supported ViT '
+                        '(timm VisionTransformer or open_clip CLIP/VisionTransformer)')
+    return dict(encoder=a.module, forward=a.forward_features, attns=a.attentions(), patch_size=a.patch_size,
+                num_prefix=a.num_prefix_tokens, grid=a.grid_size)
 
 # %% ../nbs/09_attention.ipynb #9023d43c
 def _batches(images, batch_size:int):
@@ -207,13 +201,8 @@ def load_model(e:dict, image_size:int|None=None, seed:int=0)->nn.Module:
 
 def input_cfg(m:nn.Module)->dict:
     "The model's input size, normalisation and interpolation (timm: `resolve_data_config`; open_clip: `preprocess_cfg`)."
-    enc = vit_parts(m)['encoder']
-    if isinstance(enc, TimmViT):
-        cfg = timm.data.resolve_data_config({}, model=enc)
-        return dict(size=tuple(enc.patch_embed.img_size), mean=cfg['mean'], std=cfg['std'], interpolation=cfg['interpolation'])
-    cfg = {**dict(mean=open_clip.OPENAI_DATASET_MEAN, std=open_clip.OPENAI_DATASET_STD, interpolation='bicubic'),
-           **(open_clip.get_model_preprocess_cfg(m) or {})}
-    return dict(size=tuple(enc.image_size), mean=cfg['mean'], std=cfg['std'], interpolation=cfg['interpolation'])
+    a = adapter(vit_parts(m)['encoder'])
+    return dict(size=a.img_size, **a.data_config())
 
 def _images(dataset:str, n:int)->list:
     "The first `n` val images of a built-in dataset (PIL)."

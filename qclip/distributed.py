@@ -270,11 +270,17 @@ def global_batchnorm(model:nn.Module)->nn.Module:
 
 # %% ../nbs/07_distributed.ipynb #ebd36159
 def _units(model:nn.Module)->list[nn.Module]:
-    "The repeated blocks / stages of a model: each becomes one FSDP unit."
-    out = []
-    for name, m in model.named_modules():
-        if isinstance(m, (nn.ModuleList, nn.Sequential)) and name.split('.')[-1] in ('resblocks', 'blocks', 'stages', 'layers'):
-            out += [c for c in m.children() if any(True for _ in c.parameters())]
+    "The repeated blocks / stages of a model: each becomes one FSDP unit (an image tower's adapter names its own)."
+    from qclip.encoders import adapter  # here, not at the top: launching jobs need not import open_clip and timm
+    out, seen = [], set()
+    def walk(m, name):
+        if id(m) in seen: return
+        seen.add(id(m))
+        if (a := adapter(m, missing_ok=True)) is not None: return out.extend(a.fsdp_units())
+        if isinstance(m, (nn.ModuleList, nn.Sequential)) and name in ('resblocks', 'blocks', 'stages', 'layers'):
+            out.extend(c for c in m.children() if any(True for _ in c.parameters()))  # a text tower's blocks
+        for n, c in m.named_children(): walk(c, n)
+    walk(model, '')
     return out
 
 def fsdp_wrap(model:nn.Module, encode_methods=('encode_image', 'encode_text'))->nn.Module:

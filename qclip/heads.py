@@ -8,14 +8,11 @@ import math, re
 from pathlib import Path
 import numpy as np, torch, torch.nn as nn, torch.nn.functional as F, timm, yaml
 from torch import Tensor
-from timm.layers import LayerNorm2d, DropPath, drop_path
-from open_clip.transformer import VisionTransformer as OpenClipViT
-from open_clip.timm_model import TimmModel
-from timm.models.vision_transformer import VisionTransformer as TimmViT
+from timm.layers import LayerNorm2d
 from safetensors.torch import load_file
 from .distributed import sum_ranks
-from .models import (CLIP_MODELS, IMAGE_ENCODERS, create_clip, create_image_encoder, feature_maps, _unwrap, is_vit,
-                          vit_input_size)
+from .models import CLIP_MODELS, IMAGE_ENCODERS, create_clip, create_image_encoder, feature_maps, is_vit, vit_input_size
+from .encoders import adapter, find_encoders
 
 # %% auto #0
 __all__ = ['DEPTH_METRICS', 'is_arch', 'build_tower', 'load_tower_weights', 'load_encoder', 'set_img_size', 'set_drop_path',
@@ -104,35 +101,13 @@ def load_encoder(
 # %% ../nbs/08_heads.ipynb #676392d1
 def set_img_size(tower:nn.Module, img_size:int|tuple)->nn.Module:
     "Resample a ViT tower's position-embedding grid for `img_size` inputs (in place; convolutional towers are unchanged)."
-    t, size = _unwrap(tower), (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
-    if isinstance(t, TimmViT): t.set_input_size(img_size=size)
-    elif isinstance(t, OpenClipViT) and size != vit_input_size(t):
-        ph, pw = t.patch_size
-        if size[0] % ph or size[1] % pw: raise ValueError(f"img_size={size} is not a multiple of the patch size {t.patch_size}")
-        pe, (gh, gw) = t.positional_embedding.data, t.grid_size
-        grid = pe[1:].reshape(1, gh, gw, -1).permute(0, 3, 1, 2)
-        grid = F.interpolate(grid, size=(size[0] // ph, size[1] // pw), mode='bicubic', antialias=True, align_corners=False)
-        t.positional_embedding = nn.Parameter(torch.cat([pe[:1], grid.permute(0, 2, 3, 1).flatten(0, 2)]))
-        t.image_size, t.grid_size = size, (size[0] // ph, size[1] // pw)
+    adapter(tower).set_img_size(img_size)
     return tower
 
 # %% ../nbs/08_heads.ipynb #b2fada09
-def _blocks(t:nn.Module)->list[nn.Module]:
-    if isinstance(t, OpenClipViT): return list(t.transformer.resblocks)
-    if isinstance(t, TimmViT): return list(t.blocks)
-    if hasattr(t, 'stages'): return [b for s in t.stages for b in getattr(s, 'blocks', [])]
-    return []
-
 def set_drop_path(tower:nn.Module, rate:float)->nn.Module:
-    "Stochastic depth with rate `rate * i / (n - 1)` in block `i` of `n` (in place)."
-    blocks = _blocks(_unwrap(tower))
-    for i, b in enumerate(blocks):
-        r = rate * i / max(1, len(blocks) - 1)
-        for h in getattr(b, '_qclip_dp_hooks', []): h.remove()
-        if isinstance(b, nn.Module) and hasattr(b, 'ls_1'):  # open_clip ResidualAttentionBlock
-            b._qclip_dp_hooks = [m.register_forward_hook(lambda m, i, o, r=r: drop_path(o, r, m.training)) for m in (b.ls_1, b.ls_2)] if r else []
-        for name in ('drop_path', 'drop_path1', 'drop_path2'):
-            if hasattr(b, name): setattr(b, name, DropPath(r) if r else nn.Identity())
+    "Stochastic depth with rate `rate * i / (n - 1)` in block `i` of `n` of the tower's adapter (in place)."
+    adapter(tower).set_drop_path(rate)
     return tower
 
 # %% ../nbs/08_heads.ipynb #e6bd7438
@@ -161,15 +136,14 @@ class DenseEncoder(nn.Module):
     strides = [4, 8, 16, 32]
     def __init__(self, tower:nn.Module, pyramid_channels:int|None=None):
         super().__init__()
-        self.tower, t = _unwrap(tower), _unwrap(tower)
-        if is_vit(t):
-            width = t.transformer.width if isinstance(t, OpenClipViT) else t.embed_dim
-            patch = (t.patch_size if isinstance(t, OpenClipViT) else t.patch_embed.patch_size)[0]
-            self.num_blocks, self.img_size = len(_blocks(t)), vit_input_size(t)
+        a = adapter(tower)
+        self.tower, t, info = a.module, a.module, a.feature_info  # an open_clip TimmModel: its timm trunk
+        if a.is_vit:
+            width, patch = info[-1]['num_chs'], a.patch_size[0]
+            self.num_blocks, self.img_size = len(a.blocks()), vit_input_size(t)
             self.pyramid = SimpleFeaturePyramid(width, patch, pyramid_channels or min(256, width), self.strides)
             self.out_channels = [pyramid_channels or min(256, width)] * 4
         else:
-            info = getattr(t, 'feature_info', None)
             red = [f['reduction'] for f in info][-4:] if info else None
             if red != self.strides: raise ValueError(f"{type(t).__name__} has feature strides {red}; DenseEncoder needs 4 maps at strides {self.strides}")
             self.pyramid, self.img_size, self.out_channels = None, None, [f['num_chs'] for f in info][-4:]
@@ -195,45 +169,42 @@ def dense_encoder(
     return DenseEncoder(tower, pyramid_channels)
 
 # %% ../nbs/08_heads.ipynb #dcd461f7
-_TOWER = re.compile(r'^(.*?)(?:transformer\.resblocks|blocks|stages)\.\d+\.')
-_EMBED = re.compile(r'^(conv1|class_embedding|positional_embedding|ln_pre|patch_embed|cls_token|pos_embed|reg_token|mask_token|stem)(\.|$)')
-_VIT_BLOCK = re.compile(r'^(?:transformer\.resblocks|blocks)\.(\d+)\.')
-_STAGE_BLOCK = re.compile(r'^stages\.(\d+)\.(?:blocks\.(\d+)\.)?')
 _NO_DECAY = re.compile(r'(^|\.)(class_embedding|positional_embedding|cls_token|pos_embed|reg_token|mask_token)$')
 
-def layer_ids(names:list[str])->tuple[dict, int]:
-    "({name: layer id}, number of blocks L) for the parameter names of a model holding one ViT or MCi tower."
-    pre = [m.group(1) for n in names if (m := _TOWER.match(n))]  # the tower: where most block parameters live
-    tower = max(set(pre), key=pre.count) if pre else None
-    local = {n: n[len(tower):] for n in names if tower is not None and n.startswith(tower)}
-    stages = {}  # MCi: blocks per stage, read off the names
-    for n in local.values():
-        if (m := _STAGE_BLOCK.match(n)) and m.group(2) is not None:
-            stages[int(m.group(1))] = max(stages.get(int(m.group(1)), 0), int(m.group(2)) + 1)
-    first = {s: sum(stages.get(j, 0) for j in range(s)) for s in range(max(stages, default=-1) + 1)}
-    L = sum(stages.values()) or 1 + max((int(m.group(1)) for n in local.values() if (m := _VIT_BLOCK.match(n))), default=-1)
-    ids = {}
-    for n in names:
-        t = local.get(n)
-        if t is None: ids[n] = L + 1  # heads, necks: outside the tower
-        elif _EMBED.match(t): ids[n] = 0
-        elif stages and (m := _STAGE_BLOCK.match(t)):  # a stage's downsampling / pos-emb goes with its first block
-            ids[n] = first.get(int(m.group(1)), 0) + (int(m.group(2)) if m.group(2) is not None else 0) + 1
-        elif (m := _VIT_BLOCK.match(t)): ids[n] = int(m.group(1)) + 1
-        else: ids[n] = L + 1
-    return ids, L
+def layer_ids(
+    model:nn.Module,          # a model holding an image tower: the tower, a classifier, a depth model, an mm detector
+    names:list|None=None,     # names of parameters of `model` to number (None: all of them)
+)->tuple[dict, int]:          # ({name: layer id}, number of blocks L)
+    "Layer ids from the adapter of `model`'s image tower: 0 its stem, i + 1 its block i, L + 1 all the rest."
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model={type(model).__name__} is not an nn.Module: the model's image tower numbers the "
+                        "layers, so pass the model (and names=[...] to number only some of its parameters)")
+    names, best = [n for n, _ in model.named_parameters()] if names is None else list(names), None
+    for path, a in find_encoders(model):  # the tower most of the named block parameters belong to
+        pre = path + '.' if path else ''
+        local = {n: n[len(pre):] for n in names if n.startswith(pre)}
+        k = sum(1 <= a.layer_id(t) <= a.num_layers for t in local.values())
+        if k and (best is None or k > best[0]): best = (k, a, local)
+    if best is None: return {n: 1 for n in names}, 0  # no tower among the names (a frozen one: a linear probe)
+    _, a, local = best
+    return {n: a.layer_id(local[n]) if n in local else a.num_layers + 1 for n in names}, a.num_layers
 
 def layer_decay_groups(
-    model_or_named_params,   # an nn.Module, or (name, parameter) pairs
+    model_or_named_params,   # an nn.Module, or (name, parameter) pairs named as in `model`
     lr:float,                # base learning rate (of the head, layer L+1)
     weight_decay:float,      # AdamW weight decay of matrices
     layer_decay:float=1.0,   # lr factor per layer below the top (Table 15: 0.8; MAE ViT-B: 0.65); 1 = off
-    num_layers:int|None=None,# L, the number of blocks; None: counted from the names
+    num_layers:int|None=None,# L, the number of blocks; None: the tower's
+    model:nn.Module|None=None, # with pairs: the module they are named in (its image tower numbers the layers)
 )->list[dict]:               # AdamW param groups with 'lr', 'lr_scale', 'weight_decay', 'layer_id'
     "AdamW parameter groups with layer-wise lr decay (BEiT/MAE) and no decay on norms, biases, pos-embeds and tokens."
-    named = model_or_named_params.named_parameters() if isinstance(model_or_named_params, nn.Module) else model_or_named_params
+    if isinstance(model_or_named_params, nn.Module): model, named = model_or_named_params, None
+    elif model is None: raise ValueError("model=None: with (name, parameter) pairs pass model=, the module they are "
+                                         "named in (its image tower's adapter numbers the layers)")
+    else: named = model_or_named_params
+    named = model.named_parameters() if named is None else named
     named = [(n, p) for n, p in named if p.requires_grad]
-    ids, L = layer_ids([n for n, _ in named])
+    ids, L = layer_ids(model, [n for n, _ in named])
     L = num_layers if num_layers is not None else L
     groups = {}
     for n, p in named:
@@ -351,12 +322,7 @@ def shift_window(
 # %% ../nbs/08_heads.ipynb #26a3cf0d
 def pooled_tower(tower:nn.Module)->tuple[nn.Module, int]:
     "(module giving pooled features [N, D] without CLIP's projection, D)."
-    t = _unwrap(tower)
-    if isinstance(t, OpenClipViT):
-        t.proj = None  # open_clip skips a None projection: the output is the pooled, normed width-D token
-        return t, t.ln_post.normalized_shape[0]
-    t.reset_classifier(0)
-    return t, t.num_features
+    return adapter(tower).pooled()  # open_clip ViT: no projection; timm: no classifier
 
 class Classifier(nn.Module):
     "Pooled image-tower features -> a linear layer; `frozen=True` is the linear probe."

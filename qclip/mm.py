@@ -118,7 +118,7 @@ class QCLIPLayerDecayConstructor(DefaultOptimWrapperConstructor):
     def add_params(self, params:list, module:nn.Module, **kwargs):
         decay = float(self.paramwise_cfg.get('layer_decay', 1.0))
         bb = [(f'backbone.{n}', p) for n, p in module.backbone.named_parameters() if p.requires_grad]
-        groups = layer_decay_groups(bb, self.base_lr, self.base_wd or 0., decay)
+        groups = layer_decay_groups(bb, self.base_lr, self.base_wd or 0., decay, model=module)
         top = max(g['layer_id'] for g in groups)
         ids = {id(p) for _, p in bb}
         rest = [(n, p) for n, p in module.named_parameters() if p.requires_grad and id(p) not in ids]

@@ -8,10 +8,8 @@ import copy, json, logging
 from pathlib import Path
 import torch, torch.nn as nn, open_clip, timm, yaml
 from safetensors.torch import save_file
-from open_clip.transformer import VisionTransformer as OpenClipViT
-from open_clip.timm_model import TimmModel
-from timm.models.vision_transformer import VisionTransformer as TimmViT
 from .core import Registry, cache_dir, atomic_path, atomic_write_text
+from .encoders import adapter
 
 # %% auto #0
 __all__ = ['QCLIP_CONFIGS', 'CLIP_MODELS', 'IMAGE_ENCODERS', 'register_open_clip_configs', 'create_clip', 'get_tokenizer',
@@ -103,20 +101,14 @@ def create_image_encoder(name:str, **kwargs)->nn.Module:
         raise ValueError(f"unknown encoder={name!r}; expected one of: {', '.join(sorted([*IMAGE_ENCODERS, *CLIP_MODELS]))}")
     return IMAGE_ENCODERS[name](**kwargs)
 
-def _unwrap(tower:nn.Module)->nn.Module:
-    "An open_clip tower around a timm model is its timm trunk (dense tasks use neither its pooling nor projection)."
-    return tower.trunk if isinstance(tower, TimmModel) else tower
-
 def is_vit(tower:nn.Module)->bool:
-    "Is `tower` (or the timm trunk it wraps) a ViT (open_clip or timm)?"
-    return isinstance(_unwrap(tower), (OpenClipViT, TimmViT))
+    "Is `tower` (or the timm trunk it wraps) a ViT (open_clip or timm)? Its `qclip.encoders.adapter` says."
+    return getattr(adapter(tower, missing_ok=True), 'is_vit', False)
 
 def vit_input_size(tower:nn.Module)->tuple[int, int]|None:
-    "The (H, W) a ViT tower's position embeddings are laid out for; None for convolutional towers."
-    t = _unwrap(tower)
-    if isinstance(t, OpenClipViT): return tuple(t.image_size) if isinstance(t.image_size, (tuple, list)) else (t.image_size,) * 2
-    if isinstance(t, TimmViT) and not getattr(t, 'dynamic_img_size', False): return tuple(t.patch_embed.img_size)
-    return None
+    "The (H, W) a ViT tower's position embeddings are laid out for; None for towers that take any size."
+    a = adapter(tower, missing_ok=True)
+    return None if a is None or a.dynamic_img_size else a.img_size
 
 def feature_maps(
     encoder:nn.Module,   # a timm model or an open_clip image tower
@@ -132,5 +124,4 @@ def feature_maps(
         raise ValueError(f"this ViT's position embeddings are laid out for {size[0]}x{size[1]} inputs, not "
                          f"{x.shape[-2]}x{x.shape[-1]}: resample them first (qclip.heads.set_img_size(encoder, "
                          f"{tuple(x.shape[-2:])}), as qclip.heads.dense_encoder(img_size=...) does), or resize the images")
-    out = encoder.forward_intermediates(x, indices=indices, intermediates_only=True, output_fmt='NCHW')
-    return list(out['image_intermediates'] if isinstance(out, dict) else out)
+    return adapter(encoder).forward_intermediates(x, indices)
