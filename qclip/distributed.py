@@ -14,10 +14,10 @@ from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from .core import run_lock
 
 # %% auto #0
-__all__ = ['LAUNCH_ENV', 'first_host', 'dist_env', 'rank_world', 'init_distributed', 'barrier', 'all_reduce_mean', 'unwrap',
-           'spawnable', 'RankFailedError', 'launch', 'probe', 'CommCounter', 'launch_request', 'requested_world_size',
-           'run_job', 'sum_ranks', 'GlobalBatchNorm2d', 'global_batchnorm', 'fsdp_wrap', 'is_fsdp', 'clip_grad_norm_',
-           'full_state', 'load_full_state']
+__all__ = ['LAUNCH_ENV', 'first_host', 'dist_env', 'rank_world', 'init_distributed', 'barrier', 'all_reduce_sum',
+           'all_reduce_mean', 'rank_share', 'unwrap', 'spawnable', 'RankFailedError', 'launch', 'probe', 'CommCounter',
+           'launch_request', 'requested_world_size', 'run_job', 'sum_ranks', 'GlobalBatchNorm2d', 'global_batchnorm',
+           'fsdp_wrap', 'is_fsdp', 'clip_grad_norm_', 'full_state', 'load_full_state']
 
 # %% ../nbs/07_distributed.ipynb #eea82678
 def first_host(nodelist:str)->str:
@@ -64,13 +64,22 @@ def barrier():
     "`dist.barrier()` when distributed, else nothing."
     if rank_world()[1] > 1: dist.barrier()
 
+def all_reduce_sum(*xs)->list[float]:
+    "Each scalar of `xs` summed over the ranks, in float64 (themselves on one process)."
+    t = torch.tensor([float(x) for x in xs], dtype=torch.float64)
+    if rank_world()[1] > 1:
+        t = t.to('cuda' if dist.get_backend() == 'nccl' else 'cpu'); dist.all_reduce(t); t = t.cpu()
+    return t.tolist()
+
 def all_reduce_mean(x)->float:
     "Mean of the scalar `x` over ranks (itself on one process)."
-    t = torch.as_tensor(x, dtype=torch.float64).detach().cpu().clone()
-    if rank_world()[1] > 1:
-        backend_dev = 'cuda' if dist.get_backend() == 'nccl' else 'cpu'
-        t = t.to(backend_dev); dist.all_reduce(t); t = t.cpu() / dist.get_world_size()
-    return t.item()
+    return all_reduce_sum(x)[0] / rank_world()[1]
+
+def rank_share(items):
+    "Every W-th item of `items` from this rank's index on (a `Subset` of a dataset): the ranks together see each once."
+    from torch.utils.data import Subset
+    rank, world = rank_world()
+    return items if world == 1 else Subset(items, range(rank, len(items), world))
 
 def unwrap(model:nn.Module)->nn.Module:
     "The model inside a DDP / FSDP / compile wrapper, so checkpoints have plain keys."

@@ -22,7 +22,7 @@ from .data.shards import read_tar, BadCounter, data_root_of
 from .data.augment import rrc_box, crop_resize, open_image, normalize_batch, MEAN, STD
 from .train import cosine_lr, autocast, _fault
 from .harness import RunFolder, cadence, progress, run_device
-from .distributed import run_job, rank_world, all_reduce_mean, barrier, global_batchnorm
+from .distributed import run_job, rank_world, all_reduce_mean, all_reduce_sum, rank_share, barrier, global_batchnorm
 from .heads import (load_encoder, is_arch, set_img_size, set_drop_path, vit_input_size, DenseEncoder, DepthModel,
                          Classifier, layer_decay_groups, SiLogLoss, depth_metrics, flip_tta, shift_window, DEPTH_METRICS)
 
@@ -363,30 +363,18 @@ def build_depth(p:dict):
     return train, val, DepthModel(DenseEncoder(tower), p['max_depth']), norm, size
 
 # %% ../nbs/08a_finetune.ipynb #1ffe3247
-def _my_share(val:Dataset)->Dataset:
-    "Every W-th item of `val` from this rank's index on: the ranks together evaluate each item once."
-    rank, world = rank_world()
-    return val if world == 1 else Subset(val, range(rank, len(val), world))
-
-def _sum_ranks(*xs:float)->list[float]:
-    "Each of `xs` summed over the ranks (float64)."
-    t = torch.tensor(xs, dtype=torch.float64)
-    if rank_world()[1] > 1:
-        t = t.to('cuda' if dist.get_backend() == 'nccl' else 'cpu'); dist.all_reduce(t); t = t.cpu()
-    return t.tolist()
-
 @torch.no_grad()
 def eval_classification(model, val:Dataset, norm, dev, precision='fp32', batch_size:int=256, workers:int=0)->dict:
     "Top-1/top-5 accuracy (%) and loss on `val` (shared among the ranks: every rank gets the whole set's numbers)."
     was = model.training; model.eval()
     n, c1, c5, loss = 0, 0, 0, 0.
-    for x, y in DataLoader(_my_share(val), batch_size=batch_size, collate_fn=_collate, num_workers=workers):
+    for x, y in DataLoader(rank_share(val), batch_size=batch_size, collate_fn=_collate, num_workers=workers):
         with autocast(dev, precision): logits = model(norm(x.to(dev))).float()
         y = y.to(dev); top = logits.topk(min(5, logits.shape[1]), 1).indices
         c1 += (top[:, 0] == y).sum().item(); c5 += (top == y[:, None]).any(1).sum().item()
         loss += F.cross_entropy(logits, y, reduction='sum').item(); n += len(y)
     model.train(was)
-    n, c1, c5, loss = _sum_ranks(n, c1, c5, loss)
+    n, c1, c5, loss = all_reduce_sum(n, c1, c5, loss)
     return dict(top1=100 * c1 / n, top5=100 * c5 / n, val_loss=loss / n, val_n=int(n))
 
 @torch.no_grad()
@@ -396,7 +384,7 @@ def eval_depth(model, val:Dataset, norm, dev, p:dict, window:int, precision='fp3
     sums, n = {k: 0. for k in DEPTH_METRICS}, 0
     def fn(x):
         with autocast(dev, precision): return model(x).float()
-    for x, g in DataLoader(_my_share(val), batch_size=1 if p['dataset'] == 'nyuv2' else batch_size, collate_fn=_collate,
+    for x, g in DataLoader(rank_share(val), batch_size=1 if p['dataset'] == 'nyuv2' else batch_size, collate_fn=_collate,
                            num_workers=workers):
         x = norm(x.to(dev))
         f = (lambda t: flip_tta(fn, t)) if p['flip_test'] else fn
@@ -405,7 +393,7 @@ def eval_depth(model, val:Dataset, norm, dev, p:dict, window:int, precision='fp3
         for k in DEPTH_METRICS: sums[k] += m[k] * m['n']
         n += m['n']
     model.train(was)
-    *totals, n = _sum_ranks(*sums.values(), n)
+    *totals, n = all_reduce_sum(*sums.values(), n)
     return {**{k: v / max(n, 1) for k, v in zip(sums, totals)}, 'val_n': int(n)}
 
 # %% ../nbs/08a_finetune.ipynb #7602df60
@@ -417,7 +405,7 @@ class Task:
     val:Dataset                 # index -> (uint8 image, target)
     model:nn.Module             # normalised images -> predictions
     norm:Callable               # uint8 batch -> the model's input
-    loss:nn.Module              # (predictions, targets) -> the batch's loss (the global batch's under DDP's average)
+    loss:Callable               # (predictions, targets) -> the batch's loss (the global batch's under DDP's average)
     evaluate:Callable           # (model, device) -> held-out metrics (each rank its share; every rank gets the totals)
     metric:str                  # the held-out metric of the progress bar and the plot
     title:str                   # the plot's title for it

@@ -20,9 +20,8 @@ def run_device(name:str='auto')->torch.device:
     "The torch device of `name` ('auto' | 'cpu' | 'cuda') for this rank; fails naming `device` when CUDA is asked for and absent."
     if check_choice('device', name, ('auto', 'cpu', 'cuda')) == 'cuda' and not torch.cuda.is_available():
         raise ValueError("device='cuda' but no CUDA device is available; use device='cpu' or 'auto'")
-    dev = torch.device('cuda' if name == 'auto' and torch.cuda.is_available() else name if name != 'auto' else 'cpu')
-    if dev.type == 'cuda' and rank_world()[1] > 1: dev = torch.device('cuda', torch.cuda.current_device())
-    return dev
+    if name == 'auto': name = 'cuda' if torch.cuda.is_available() else 'cpu'
+    return torch.device('cuda', torch.cuda.current_device()) if name == 'cuda' and rank_world()[1] > 1 else torch.device(name)
 
 # %% ../nbs/05b_harness.ipynb #b5315e39
 class RunFolder:

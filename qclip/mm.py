@@ -450,20 +450,20 @@ def mm_distributed(
     cfg.model_wrapper_cfg = dict(type='MMDistributedDataParallel', broadcast_buffers=False,
                                  find_unused_parameters=bool(cfg.get('find_unused_parameters', True)),  # the tower's own head
                                  device_ids=[torch.cuda.current_device()] if cuda else None)  # CPU modules take None
-    if not cuda: _sync_bn_off(cfg.model)  # torch's SyncBatchNorm runs on GPUs only
+    if not cuda: _global_bn(cfg.model)  # torch's SyncBatchNorm runs on GPUs only
     for ev in (cfg.get('val_evaluator'), cfg.get('test_evaluator')):
         for m in (ev if isinstance(ev, list) else [ev] if ev else []): m['collect_device'] = 'gpu'  # all_gather_object
     return cfg
 
 MM_MODELS.register_module('GlobalBN', module=GlobalBatchNorm2d, force=True)  # batch norm over the group, any backend
 
-def _sync_bn_off(d):
+def _global_bn(d):
     "Every `SyncBN` of a config subtree as `GlobalBN` (`qclip.distributed.GlobalBatchNorm2d`: the same statistics, on CPU too)."
     if isinstance(d, dict):
         if d.get('type') == 'SyncBN': d['type'] = 'GlobalBN'
-        for v in d.values(): _sync_bn_off(v)
+        for v in d.values(): _global_bn(v)
     elif isinstance(d, (list, tuple)):
-        for v in d: _sync_bn_off(v)
+        for v in d: _global_bn(v)
 
 # %% ../nbs/08b_mm.ipynb #5925bc38
 def run_mm(cfg:Config)->dict:

@@ -5,9 +5,10 @@ parameters and one call)."""
 import json
 from pathlib import Path
 import pytest, torch, torch.nn as nn
-from qclip.finetune import (Task, fit, check_cls_params, CLS_DEFAULTS, synth_arrays, SynthCls, _norm, _my_share, _sum_ranks,
+from qclip.finetune import (Task, fit, check_cls_params, CLS_DEFAULTS, synth_arrays, SynthCls, _norm,
                             _collate)
 from qclip.heads import load_encoder, Classifier
+from qclip.distributed import rank_share, all_reduce_sum
 from qclip.train import autocast
 
 # ---- the task: 20 lines ----
@@ -19,10 +20,10 @@ class Counts(SynthCls):
 @torch.no_grad()
 def eval_count(model, val, norm, dev, p):
     err, n = 0., 0
-    for x, y in torch.utils.data.DataLoader(_my_share(val), batch_size=64, collate_fn=_collate):
+    for x, y in torch.utils.data.DataLoader(rank_share(val), batch_size=64, collate_fn=_collate):
         with autocast(dev, p['precision']): err += (model(norm(x.to(dev))).float()[:, 0] - y.to(dev)).abs().sum().item()
         n += len(y)
-    err, n = _sum_ranks(err, n)
+    err, n = all_reduce_sum(err, n)
     return dict(count_mae=err / n, val_n=int(n))
 
 def count_task(p:dict)->Task:
