@@ -30,12 +30,15 @@ class Registry(dict):
 def check_choice(name:str, value, choices:Iterable):
     "Raise `ValueError` naming parameter `name` unless `value` is one of `choices`."
     choices = list(choices)
-    if value not in choices: raise ValueError(f"{name}={value!r} is not valid; expected one of: {', '.join(map(str, choices))}")
+    if value not in choices:
+        raise ValueError(f"{name}={value!r} is not valid; expected one of: {', '.join(map(str, choices))}")
     return value
 
+# %% ../nbs/00_core.ipynb #38cdc21d
 def check_positive(name:str, value, kind=int, allow_zero=False):
     "Raise `ValueError` naming parameter `name` unless `value` is a positive `kind` (or zero if `allow_zero`)."
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (kind is float or float(value).is_integer())
+    ok = (isinstance(value, (int, float)) and not isinstance(value, bool)
+          and (kind is float or float(value).is_integer()))
     if not ok or value < 0 or (value == 0 and not allow_zero):
         what = ('a non-negative' if allow_zero else 'a positive') + (' integer' if kind is int else ' number')
         raise ValueError(f"{name}={value!r} is not valid; expected {what}")
@@ -58,6 +61,7 @@ def atomic_path(path):
     finally:
         if os.path.exists(tmp): os.remove(tmp)
 
+# %% ../nbs/00_core.ipynb #e996b83a
 def atomic_write_text(path, text:str):
     "Write `text` to `path` atomically."
     with atomic_path(path) as tmp: Path(tmp).write_text(text)
@@ -69,6 +73,7 @@ def save_checkpoint(state:dict, path):
     with atomic_path(path) as tmp: torch.save(state, tmp)
     return Path(path)
 
+# %% ../nbs/00_core.ipynb #00aae416
 def load_checkpoint(path, map_location='cpu') -> dict:
     "Load a checkpoint without unpickling arbitrary objects (`weights_only=True`)."
     path = Path(path)
@@ -80,6 +85,7 @@ def seed_everything(seed:int):
     "Seed Python, NumPy and torch."
     random.seed(seed); np.random.seed(seed % 2**32); torch.manual_seed(seed)
 
+# %% ../nbs/00_core.ipynb #30b2df12
 def cache_dir(*parts) -> Path:
     "qclip's cache: `$QCLIP_CACHE` or `~/.cache/qclip`, created on demand."
     p = Path(os.environ.get('QCLIP_CACHE', Path.home()/'.cache'/'qclip')).expanduser().joinpath(*parts)
@@ -138,8 +144,10 @@ def plot_curves(
 class RunLockedError(RuntimeError):
     "Another job holds the run folder."
 
+# %% ../nbs/00_core.ipynb #6f1f039b
 LOCK_FILE, LOCK_ENV = '.qclip.lock', 'QCLIP_LOCKED_RUN'
 
+# %% ../nbs/00_core.ipynb #df596c6a
 def lock_holder(out_dir)->dict|None:
     "Who holds `out_dir` ({host, pid, since, cmd}), or None when no job does."
     f = Path(out_dir)/LOCK_FILE
@@ -163,14 +171,16 @@ def clean_stale_tmp(out_dir)->list[str]:
 
 # %% ../nbs/00_core.ipynb #8315c184
 def lock_here(env=None)->bool:
-    "Does this process take a job's run lock: not a rank > 0, and not the agent of a multi-node launch (its rank 0 does)."
+    """Does this process take a job's run lock: not a rank > 0, and not the agent of a multi-node launch
+    (its rank 0 does)."""
     e = os.environ if env is None else env
     if int(e.get('RANK', e.get('SLURM_PROCID', 0)) or 0) > 0: return False
     return 'RANK' in e or int(e.get('QCLIP_NNODES', 1) or 1) == 1
 
 # %% ../nbs/00_core.ipynb #a9eacaf0
 def _describe(h:dict)->str:
-    return f"host {h.get('host', '?')}, pid {h.get('pid', '?')}, since {h.get('since', '?')}" + (f", {h['cmd']}" if h.get('cmd') else '')
+    return (f"host {h.get('host', '?')}, pid {h.get('pid', '?')}, since {h.get('since', '?')}"
+            + (f", {h['cmd']}" if h.get('cmd') else ''))
 
 @contextlib.contextmanager
 def run_lock(
@@ -189,8 +199,9 @@ def run_lock(
         fh = open(d/LOCK_FILE, 'a+')
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            with contextlib.suppress(FileNotFoundError):  # the file we locked is still the one at the path (not unlinked by
-                if os.fstat(fh.fileno()).st_ino == os.stat(d/LOCK_FILE).st_ino: break  # a holder that just finished)
+            # the file we locked is still the one at the path (not unlinked by a holder that just finished)
+            with contextlib.suppress(FileNotFoundError):
+                if os.fstat(fh.fileno()).st_ino == os.stat(d/LOCK_FILE).st_ino: break
             fh.close(); continue
         except BlockingIOError:
             fh.close()
@@ -227,7 +238,8 @@ def assigned_names(source:str)->list[str]:
     "Names a cell's top-level assignments bind (`a = 1`, `a: int = 1`, `a = b = 2`)."
     names = []
     for node in ast.parse(source).body:
-        targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) else []
+        targets = (node.targets if isinstance(node, ast.Assign)
+                   else [node.target] if isinstance(node, ast.AnnAssign) else [])
         names += [t.id for t in targets if isinstance(t, ast.Name)]
     return names
 
@@ -250,7 +262,8 @@ def _history(ns:dict|None=None)->list[str]:
     return hist
 
 def check_job_params(ns:dict|None=None, accepted=None):
-    "Fail if papermill injected a name the job notebook's `parameters` cell does not define (`ns`: the notebook's globals)."
+    """Fail if papermill injected a name the job notebook's `parameters` cell does not define
+    (`ns`: the notebook's globals)."""
     hist = _history(ns)
     for i, cell in enumerate(hist):
         if not cell.lstrip().startswith('# Parameters'): continue
@@ -262,8 +275,10 @@ def papermill_run(ns:dict|None=None)->bool:
     "Is this kernel executing a notebook for papermill (its injected `# Parameters` cell is in the history)?"
     return any(c.lstrip().startswith('# Parameters') for c in _history(ns))
 
+# %% ../nbs/00_core.ipynb #5eceb85d
 def progress_bar(*args, **kwargs):
-    "A tqdm bar: a widget in JupyterLab (`tqdm.auto`), text in a papermill job and a terminal (its log shows every update)."
+    """A tqdm bar: a widget in JupyterLab (`tqdm.auto`), text in a papermill job and a terminal
+    (its log shows every update)."""
     if papermill_run(): from tqdm.std import tqdm
     else: from tqdm.auto import tqdm
     return tqdm(*args, **kwargs)

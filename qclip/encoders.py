@@ -46,9 +46,11 @@ def _layer_table(self:EncoderAdapter)->dict[str, int]:
     path = {id(m): n for n, m in self.module.named_modules()}
     return {path[id(b)] + '.': i + 1 for i, b in enumerate(self.blocks())}
 
+# %% ../nbs/05a_encoders.ipynb #29a478f2
 @patch(as_prop=True)
 def num_layers(self:EncoderAdapter)->int: return len(self.blocks())  # L
 
+# %% ../nbs/05a_encoders.ipynb #364cb441
 @patch
 def layer_id(self:EncoderAdapter, name:str)->int:
     "Layer of parameter `name` (as `module.named_parameters()` names it): 0 stem, i + 1 block i, L + 1 the rest."
@@ -64,6 +66,7 @@ def fsdp_units(self:EncoderAdapter)->list[nn.Module]:
     "The modules FSDP shards one at a time: the blocks that hold parameters."
     return [b for b in self.blocks() if any(True for _ in b.parameters())]
 
+# %% ../nbs/05a_encoders.ipynb #362ab847
 @patch
 def _drop_path(self:EncoderAdapter, block:nn.Module, rate:float):
     for name in ('drop_path', 'drop_path1', 'drop_path2'):  # timm blocks' DropPath slots
@@ -76,12 +79,14 @@ def set_drop_path(self:EncoderAdapter, rate:float)->nn.Module:
     for i, b in enumerate(blocks): self._drop_path(b, rate * i / max(1, len(blocks) - 1))
     return self.module
 
+# %% ../nbs/05a_encoders.ipynb #8e098a58
 @patch
 def pooled(self:EncoderAdapter)->tuple[nn.Module, int]:
     "(module giving pooled features [N, D] without a classifier, D); drops a timm classifier in place."
     self.module.reset_classifier(0)
     return self.module, self.module.num_features
 
+# %% ../nbs/05a_encoders.ipynb #5ccb4251
 @patch
 def data_config(self:EncoderAdapter)->dict:
     "mean, std and interpolation the tower's weights expect (timm: `resolve_data_config`)."
@@ -125,18 +130,21 @@ def set_img_size(self:OpenClipViT, img_size:int|tuple)->nn.Module:
     t.image_size, t.grid_size = size, (size[0] // ph, size[1] // pw)
     return t
 
+# %% ../nbs/05a_encoders.ipynb #6840d6f1
 @patch
 def _drop_path(self:OpenClipViT, block:nn.Module, rate:float):
     for h in getattr(block, '_qclip_dp_hooks', []): h.remove()
     block._qclip_dp_hooks = [m.register_forward_hook(lambda m, i, o, r=rate: drop_path(o, r, m.training))
                              for m in (block.ls_1, block.ls_2)] if rate else []
 
+# %% ../nbs/05a_encoders.ipynb #a21784ab
 @patch
 def pooled(self:OpenClipViT)->tuple[nn.Module, int]:
     "(the tower without its projection, width): the pooled, normed CLS token."
     self.module.proj = None  # open_clip skips a None projection
     return self.module, self.module.ln_post.normalized_shape[0]
 
+# %% ../nbs/05a_encoders.ipynb #8de3d31d
 @patch
 def data_config(self:OpenClipViT)->dict:
     "OpenAI's mean/std and bicubic unless the tower's `preprocess_cfg` says otherwise."

@@ -85,7 +85,7 @@ class ClipLoss(nn.Module):
 class DistillClipLoss(ClipLoss):
     "Per caption: `w0 * CLIP + w1 * (KD_i2t + KD_t2i) / 2` against the mean softmax of stored teacher embeddings."
     def __init__(self,
-        w0:float=1., w1:float=1.,      # weights of eq. 1 and of the distillation term (MobileCLIP B/16 on 1B: 0.25, 0.75)
+        w0:float=1., w1:float=1.,      # weights of eq. 1 and of distillation (MobileCLIP B/16 on 1B: 0.25, 0.75)
         teacher_dims=(768, 768),       # the teachers' slices of the stored embedding
         teacher_scale:float=100.,      # the teachers' logit scale
         **kw,                          # `ClipLoss` options: local_loss, gather_with_grad, rank, world_size
@@ -96,7 +96,8 @@ class DistillClipLoss(ClipLoss):
     def teacher_probs(self, a:torch.Tensor, b:torch.Tensor)->torch.Tensor:
         "Mean over teachers of softmax(scale * a_t b_t^T), rows of `a` against rows of `b`."
         if sum(self.teacher_dims) != a.shape[-1]:
-            raise ValueError(f'teacher embeddings have {a.shape[-1]} dims; teacher_dims={self.teacher_dims} sum to {sum(self.teacher_dims)}')
+            raise ValueError(f'teacher embeddings have {a.shape[-1]} dims; '
+                             f'teacher_dims={self.teacher_dims} sum to {sum(self.teacher_dims)}')
         p = 0.
         for at, bt in zip(a.split(self.teacher_dims, -1), b.split(self.teacher_dims, -1)):
             p = p + F.softmax(self.teacher_scale * F.normalize(at, dim=-1) @ F.normalize(bt, dim=-1).T, dim=1)
@@ -121,7 +122,8 @@ class DistillClipLoss(ClipLoss):
         txts = split(text_features)
         distill = self.w1 > 0
         if distill:
-            if teacher_image is None or teacher_text is None: raise ValueError('w1 > 0 needs teacher_image and teacher_text')
+            if teacher_image is None or teacher_text is None:
+                raise ValueError('w1 > 0 needs teacher_image and teacher_text')
             t_img, *t_txts = [t.detach().float() for t in [teacher_image, *split(teacher_text)]]
         # every tensor sent once: the student's features in one collective, the teacher's (other width) in another
         gathered = self.gather_many([image_features, *txts] + ([t_img, *t_txts] if distill else []))
@@ -143,8 +145,11 @@ class DistillClipLoss(ClipLoss):
 
 # %% ../nbs/04_loss.ipynb #414f33df
 LOGIT_SCALE_INIT = math.log(1 / 0.07)
+
+# %% ../nbs/04_loss.ipynb #29a0b34d
 LOGIT_SCALE_MAX = math.log(100)
 
+# %% ../nbs/04_loss.ipynb #16344396
 @torch.no_grad()
 def clamp_logit_scale_(model:nn.Module, max_scale:float=math.exp(LOGIT_SCALE_MAX))->nn.Module:
     "Clamp `model.logit_scale` in place to [0, log(max_scale)] (1/tau <= 100)."
