@@ -11,8 +11,8 @@ import numpy as np, pandas as pd, yaml
 # %% auto #0
 __all__ = ['PAPER_TABLE1', 'TABLE1_COLUMNS', 'LOWER_IS_BETTER', 'DATASET_ROWS', 'PAPER_ORDER', 'TASKS', 'RANDOM_ROW', 'SWEEP',
            'PAIRS', 'row_name', 'collect_runs', 'best_of_sweep', 'table1_long', 'sweep_note', 'table1', 't_quantile',
-           'paired_ci', 'precondition', 'verdicts', 'task_verdicts', 'side_by_side', 'plot_table1', 'plot_intervals',
-           'scaling', 'plot_scaling', 'attention_runs', 'short_name', 'plot_attention']
+           'paired_ci', 'precondition', 'sensitivity', 'plot_sensitivity', 'verdicts', 'task_verdicts', 'side_by_side',
+           'plot_table1', 'plot_intervals', 'scaling', 'plot_scaling', 'attention_runs', 'short_name', 'plot_attention']
 
 # %% ../nbs/50_results.ipynb #bb9ec519
 PAPER_TABLE1 = pd.read_csv(io.StringIO("""\
@@ -241,6 +241,46 @@ def precondition(long:pd.DataFrame, rows=PAPER_ORDER, level:float=0.95)->pd.Data
                         measurable=bool(lo > 0) if n >= 2 else np.nan,
                         beat_random=f"{sum(e > 0 for e in each)}/{len(r)}"))
     return pd.DataFrame(out)
+
+# %% ../nbs/50_results.ipynb #5cace343
+def sensitivity(
+    runs:pd.DataFrame,                     # collected runs (`collect_runs`)
+    experiment:str='table1-sensitivity',   # the experiment whose pretraining runs differ in `steps`
+    level:float=0.95,
+)->pd.DataFrame:  # `precondition`'s columns per read-out and pretraining length, with `steps` and `samples` seen
+    "Each frozen read-out's gain over random init (paired by seed, with its interval) at each pretraining length."
+    if runs.empty or 'pre_steps' not in runs: return pd.DataFrame()
+    sel = runs[(runs.experiment == experiment) & (runs.stage == 'probes')]
+    cols, out = TABLE1_COLUMNS[TABLE1_COLUMNS.stage == 'probes'], []
+    for steps in sorted(s for s in sel.pre_steps.dropna().unique() if s > 0):
+        long = table1_long(sel[sel.pre_steps.isin([0, steps])], columns=cols)
+        pre = precondition(long, rows=[r for r in dict.fromkeys(long.row) if r != RANDOM_ROW], level=level)
+        batch = sel[sel.pre_steps == steps].pre_batch_size.iloc[0]
+        out.append(pre.assign(steps=int(steps), samples=int(steps * batch)))
+    return pd.concat(out, ignore_index=True) if out else pd.DataFrame()
+
+# %% ../nbs/50_results.ipynb #544ee227
+def plot_sensitivity(sens:pd.DataFrame, path=None):
+    "Each read-out's gain over random init against pretraining samples seen, with its interval (filled: measurable)."
+    import matplotlib.pyplot as plt
+    if sens.empty: return None
+    cols = list(dict.fromkeys(sens.column))
+    fig, axes = plt.subplots(1, len(cols), figsize=(2.8 * len(cols), 2.8), squeeze=False)
+    for ax, col in zip(axes[0], cols):
+        d = sens[sens.column == col]
+        ax.errorbar(d.samples, d.gain, yerr=[d.gain - d.low, d.high - d.gain], fmt='none', ecolor='grey', capsize=3)
+        for ok, face in ((True, 'C0'), (False, 'white')):
+            m = d.measurable.fillna(False).astype(bool) == ok
+            ax.scatter(d.samples[m], d.gain[m], facecolor=face, edgecolor='C0', zorder=3)
+        ax.axhline(0, color='k', lw=0.8); ax.set_xscale('log')
+        ax.set_title(col + (' (lower)' if col in LOWER_IS_BETTER else ''), fontsize=9)
+        ax.set_xlabel('pretraining samples seen')
+    axes[0, 0].set_ylabel('gain over random init')
+    fig.tight_layout()
+    if path:
+        from qclip.core import atomic_path
+        with atomic_path(path) as tmp: fig.savefig(tmp, format='png', dpi=110)
+    return fig
 
 # %% ../nbs/50_results.ipynb #1fb9b864
 PAIRS = [('ALIGN', 'DataComp'), ('DataComp', 'DataCompDR'), ('ALIGN', 'DataCompDR')]  # (worse, better), caption quality
