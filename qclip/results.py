@@ -272,10 +272,10 @@ def plot_sensitivity(sens:pd.DataFrame, path=None):
         for ok, face in ((True, 'C0'), (False, 'white')):
             m = d.measurable.fillna(False).astype(bool) == ok
             ax.scatter(d.samples[m], d.gain[m], facecolor=face, edgecolor='C0', zorder=3)
-        ax.axhline(0, color='k', lw=0.8); ax.set_xscale('log')
-        ax.set_title(col + (' (lower)' if col in LOWER_IS_BETTER else ''), fontsize=9)
-        ax.set_xlabel('pretraining samples seen')
-    axes[0, 0].set_ylabel('gain over random init')
+        ax.axhline(0, color='k', lw=0.8); ax.set_xscale('log'); ax.minorticks_off()
+        ax.set_xticks(d.samples, [f'{s / 1000:.3g}k' for s in d.samples])
+        ax.set_title(col, fontsize=9); ax.set_xlabel('pretraining samples seen')
+    axes[0, 0].set_ylabel('gain over random init\n(RMSE: its decrease)')
     fig.tight_layout()
     if path:
         from qclip.core import atomic_path
