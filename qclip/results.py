@@ -243,6 +243,14 @@ def precondition(long:pd.DataFrame, rows=PAPER_ORDER, level:float=0.95)->pd.Data
     return pd.DataFrame(out)
 
 # %% ../nbs/50_results.ipynb #5cace343
+def _samples_seen(runs:pd.DataFrame, experiment:str, steps, probes:pd.DataFrame)->int:
+    "Samples seen by the experiment's pretraining runs of `steps`: as they report them, else steps x batch."
+    pre = runs[(runs.experiment == experiment) & (runs.stage == 'pretrain')]
+    seen = pre[pre.param_steps == steps].samples_seen.dropna() if {'param_steps', 'samples_seen'} <= set(pre) else []
+    if len(seen): return int(seen.iloc[0])
+    return int(steps * probes[probes.pre_steps == steps].pre_batch_size.iloc[0])
+
+# %% ../nbs/50_results.ipynb #3e2eda13
 def sensitivity(
     runs:pd.DataFrame,                     # collected runs (`collect_runs`)
     experiment:str='table1-sensitivity',   # the experiment whose pretraining runs differ in `steps`
@@ -255,8 +263,7 @@ def sensitivity(
     for steps in sorted(s for s in sel.pre_steps.dropna().unique() if s > 0):
         long = table1_long(sel[sel.pre_steps.isin([0, steps])], columns=cols)
         pre = precondition(long, rows=[r for r in dict.fromkeys(long.row) if r != RANDOM_ROW], level=level)
-        batch = sel[sel.pre_steps == steps].pre_batch_size.iloc[0]
-        out.append(pre.assign(steps=int(steps), samples=int(steps * batch)))
+        out.append(pre.assign(steps=int(steps), samples=_samples_seen(runs, experiment, steps, sel)))
     return pd.concat(out, ignore_index=True) if out else pd.DataFrame()
 
 # %% ../nbs/50_results.ipynb #544ee227
