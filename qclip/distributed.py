@@ -340,6 +340,7 @@ def fsdp_wrap(model:nn.Module, encode_methods=('encode_image', 'encode_text'))->
 
 # %% ../nbs/07_distributed.ipynb #fc98313f
 def is_fsdp(model:nn.Module)->bool:
+    "Is `model` sharded by FSDP2 (`fully_shard`)?"
     from torch.distributed.fsdp import FSDPModule
     return isinstance(model, FSDPModule)
 

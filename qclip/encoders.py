@@ -48,7 +48,9 @@ def _layer_table(self:EncoderAdapter)->dict[str, int]:
 
 # %% ../nbs/05a_encoders.ipynb #29a478f2
 @patch(as_prop=True)
-def num_layers(self:EncoderAdapter)->int: return len(self.blocks())  # L
+def num_layers(self:EncoderAdapter)->int:
+    "Number of blocks L (layer ids run 0 .. L + 1: the stem, the blocks, the head)."
+    return len(self.blocks())
 
 # %% ../nbs/05a_encoders.ipynb #364cb441
 @patch

@@ -84,7 +84,9 @@ def load_captions(
     return pd.DataFrame(rows, columns=['dataset', 'uid', 'caption_source', 'caption']), images
 
 # %% ../nbs/09b_quality.ipynb #d1180fd0
-def words(caption:str)->list[str]: return _WORD.findall(caption.lower())
+def words(caption:str)->list[str]:
+    "The lower-cased words of a caption (letters, digits and apostrophes)."
+    return _WORD.findall(caption.lower())
 
 # %% ../nbs/09b_quality.ipynb #29e4f8c2
 def text_measures(captions:list[str])->dict:
@@ -253,6 +255,7 @@ def check_quality_params(**params)->dict:
 
 # %% ../nbs/09b_quality.ipynb #38d552a4
 def quality_sources(p:dict)->list[str]:
+    "The caption sources a quality job measures: `sources` then `reinforced`, comma-separated, blanks dropped."
     return [s.strip() for s in (p['sources'] + ',' + p['reinforced']).split(',') if s.strip()]
 
 # %% ../nbs/09b_quality.ipynb #44a152b3
