@@ -38,7 +38,7 @@ def features(tower, images, blocks=4, batch_size=256):
 def design(P, M, name):
     "The NCHW feature map a probe reads under design `name`."
     N, k, C, h, w = M.shape
-    maps = M[:, -1] if name.startswith('last+') or name == 'last' else M.reshape(N, k * C, h, w)
+    maps = M.reshape(N, k * C, h, w) if name.startswith('last4') else M[:, -1]
     return torch.cat([maps, P[:, :, None, None].expand(-1, -1, h, w)], 1) if name.endswith('+pooled') else maps
 
 def main(argv=None):
