@@ -20,6 +20,8 @@ _TINY_TEXT = dict(context_length=32, vocab_size=49408, width=128, heads=2, layer
 QCLIP_CONFIGS = {
     'tiny-vit': dict(embed_dim=128, vision_cfg=dict(image_size=64, patch_size=8, width=128, layers=6, head_width=32),
                      text_cfg=_TINY_TEXT),
+    'tiny-vit-p16': dict(embed_dim=128, vision_cfg=dict(image_size=64, patch_size=16, width=128, layers=6,
+                         head_width=32), text_cfg=_TINY_TEXT),
     'tiny-mci': dict(embed_dim=128, vision_cfg=dict(timm_model_name='fastvit_mci0', timm_model_pretrained=False,
                      timm_pool='avg', timm_proj='linear', image_size=64), text_cfg=_TINY_TEXT),
     'MCi0-CLIP': dict(embed_dim=512, vision_cfg=dict(timm_model_name='fastvit_mci0', timm_model_pretrained=False,
@@ -43,6 +45,7 @@ CLIP_MODELS.update({
     'MobileCLIP-S2': 'MCi2 image tower (timm fastvit_mci2) + open_clip text tower (Tables 9-10)',
     'MCi0-CLIP': 'MCi0 image tower (timm fastvit_mci0) + open_clip base text tower',
     'tiny-vit': 'CPU-sized ViT (64 px, patch 8, 6x128) + tiny text tower: tests and laptop runs',
+    'tiny-vit-p16': 'tiny-vit with 16-px patches (4x4 grid at 64 px): the small Table 1 profile',
     'tiny-mci': 'CPU-sized MCi0 at 64 px + tiny text tower: tests and laptop runs',
 })
 

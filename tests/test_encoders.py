@@ -14,7 +14,8 @@ from qclip.distributed import _units
 NAMES = [*IMAGE_ENCODERS, *CLIP_MODELS]
 FAMILY = {'vit-b-16-mae': 'TimmViT', 'vit-tiny-mae': 'TimmViT', 'mci0': 'TimmStages', 'mci1': 'TimmStages',
           'mci2': 'TimmStages', 'ViT-B-16': 'OpenClipViT', 'tiny-vit': 'OpenClipViT', 'MobileCLIP-S1': 'TimmStages',
-          'MobileCLIP-S2': 'TimmStages', 'MCi0-CLIP': 'TimmStages', 'tiny-mci': 'TimmStages'}
+          'MobileCLIP-S2': 'TimmStages', 'MCi0-CLIP': 'TimmStages', 'tiny-mci': 'TimmStages',
+          'tiny-vit-p16': 'OpenClipViT'}
 BIG_VITS = {'ViT-B-16', 'vit-b-16-mae'}  # resampled to 64 px: at 224 px they would cost most of this file's time
 SIZES = [(64, 64), (96, 64)]             # square and not, multiples of every patch size and of stride 32
 
