@@ -11,9 +11,10 @@ pretrained means and the gain of the pretrained runs (mean over their datasets) 
 with its 95% t-interval (`qclip.results.paired_ci`).
 
 On the 12 encoders `make reproduce` trained before it moved to tiny-vit-p16 (tiny-vit, 120 steps x 128 samples; 1024 +
-1024 images, 10 minutes on 2 cores) the richer designs helped random init more than the pretrained encoders: depth gain +0.04 m [-0.03, +0.11] (last block),
--0.04 [-0.09, +0.02] (last 4 + pooled); box AP -0.10 [-0.76, +0.56] and -0.86 [-1.46, -0.26]; segmentation mIoU
-+0.27 [+0.23, +0.30] and -0.50 [-0.99, -0.01]. So the probes keep reading the last block.
+1024 images, 10 minutes on 2 cores) the richer designs helped random init more than the pretrained encoders: depth
+gain +0.04 m [-0.03, +0.11] (last block), -0.04 [-0.09, +0.02] (last 4 + pooled); box AP -0.10 [-0.76, +0.56] and
+-0.86 [-1.46, -0.26]; segmentation mIoU +0.27 [+0.23, +0.30] and -0.50 [-0.99, -0.01]. So the probes keep reading the
+last block.
 """
 import argparse, copy, time
 from pathlib import Path
@@ -32,7 +33,8 @@ def features(tower, images, blocks=4, batch_size=256):
     t, _ = pooled_tower(copy.deepcopy(tower).eval()); norm = _norm(tower); P, M = [], []
     for i in range(0, len(images), batch_size):
         out = t.forward_intermediates(norm(images[i:i + batch_size]), indices=blocks, output_fmt='NCHW')
-        P.append(out['image_features'].float()); M.append(torch.stack([m.float() for m in out['image_intermediates']], 1))
+        P.append(out['image_features'].float())
+        M.append(torch.stack([m.float() for m in out['image_intermediates']], 1))
     return torch.cat(P), torch.cat(M)
 
 def design(P, M, name):
