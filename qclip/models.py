@@ -4,16 +4,18 @@
 
 # %% ../nbs/05_models.ipynb #c735609d
 from __future__ import annotations
-import copy, json, logging
+import copy, json, logging, types
+from functools import partial
 from pathlib import Path
-import torch, torch.nn as nn, open_clip, timm, yaml
+import torch, torch.nn as nn, torch.nn.functional as F, open_clip, timm, yaml
+from open_clip.transformer import text_global_pool
 from safetensors.torch import save_file
 from .core import Registry, cache_dir, atomic_path, atomic_write_text
 from .encoders import adapter
 
 # %% auto #0
 __all__ = ['QCLIP_CONFIGS', 'CLIP_MODELS', 'IMAGE_ENCODERS', 'register_open_clip_configs', 'create_clip', 'get_tokenizer',
-           'save_weights', 'load_run', 'create_image_encoder', 'is_vit', 'vit_input_size', 'feature_maps']
+           'unpad_text', 'save_weights', 'load_run', 'create_image_encoder', 'is_vit', 'vit_input_size', 'feature_maps']
 
 # %% ../nbs/05_models.ipynb #e0a07313
 _TINY_TEXT = dict(context_length=32, vocab_size=49408, width=128, heads=2, layers=3)
@@ -72,6 +74,35 @@ def get_tokenizer(name:str):
     "open_clip's tokenizer for model `name` (context length from its config)."
     CLIP_MODELS[name]
     return open_clip.get_tokenizer(name)
+
+# %% ../nbs/05_models.ipynb #e2389a43
+def _encode_text_unpadded(self, text:torch.Tensor, normalize:bool=False, multiple:int=8)->torch.Tensor:
+    "open_clip's `CLIP.encode_text`, run on each group of captions of one (rounded) length over those tokens only."
+    L, cast = text.shape[1], self.transformer.get_cast_dtype()
+    lens = ((text.argmax(-1) + multiple) // multiple * multiple).clamp(max=L)  # end token + 1, rounded up
+    outs, rows = [], []
+    for n in lens.unique().tolist():
+        i = (lens == n).nonzero().squeeze(1); t = text[i, :n]
+        x = self.token_embedding(t).to(cast) + self.positional_embedding[:n].to(cast)
+        x = self.ln_final(self.transformer(x, attn_mask=self.attn_mask[:n, :n]))
+        outs.append(text_global_pool(x, t, 'argmax')); rows.append(i)
+    x = torch.cat(outs)[torch.cat(rows).argsort()]  # back in the batch's order
+    if self.text_projection is not None:
+        x = self.text_projection(x) if isinstance(self.text_projection, nn.Linear) else x @ self.text_projection
+    return F.normalize(x, dim=-1) if normalize else x
+
+# %% ../nbs/05_models.ipynb #8951d758
+def unpad_text(
+    model:nn.Module,  # an open_clip `CLIP` (text tower built in)
+    multiple:int=8,   # caption lengths are rounded up to a multiple of this: one text forward per length
+)->bool:              # False: its text features depend on the padding, so it was left as it is
+    """Make `model.encode_text` (so also `model(images, texts)`) skip each caption's padding: open_clip's features and
+    gradients, for fewer FLOPs (in place, on this model object only)."""
+    if multiple < 1: raise ValueError(f"multiple={multiple!r}: expected a positive number of tokens")
+    ok = (isinstance(model, open_clip.CLIP) and getattr(model, 'attn_mask', None) is not None
+          and model.text_pool_type == 'argmax')  # causal, read at the end token
+    if ok: model.encode_text = types.MethodType(partial(_encode_text_unpadded, multiple=multiple), model)
+    return ok
 
 # %% ../nbs/05_models.ipynb #32c4d9c4
 def save_weights(model:nn.Module, path)->Path:

@@ -15,7 +15,7 @@ from fastcore.script import call_parse, Param
 from .core import (check_choice, check_positive, seed_everything, save_checkpoint, load_checkpoint,
                         atomic_write_text, atomic_path, MetricsLog, run_lock, yaml_value, plot_curves)
 from .loss import ClipLoss, DistillClipLoss, clamp_logit_scale_
-from .models import CLIP_MODELS, create_clip, get_tokenizer, save_weights
+from .models import CLIP_MODELS, create_clip, get_tokenizer, save_weights, unpad_text
 from .data.shards import (DATASETS, ShardStream, make_loader, find_shards, find_sources, check_caption_source,
                                train_transform, eval_transform, dataset_spec, shard_weights, subset_shards,
                                pair_dr_shards, device_batches)
@@ -263,6 +263,9 @@ def _model(p:dict, dev:torch.device)->SimpleNamespace:
     # DDP broadcasts rank 0's weights now and averages gradients in backward; `model` stays the plain module.
     # FSDP shards `model` in place, after rank 0's initial weights are broadcast as DDP would
     fsdp, ema = p['parallel'] == 'fsdp' and world > 1, None
+    # captions run on their own tokens (open_clip's features and gradients); one text forward per length group would
+    # make FSDP gather each block several times a step and torch.compile trace each length, so not with those
+    if not (fsdp or p['torch_compile']): unpad_text(model)
     if fsdp:
         for t in model.state_dict().values(): dist.broadcast(t, 0)
         ema = ModelEmaV3(model, decay=p['ema']) if p['ema'] else None  # the broadcast weights, sharded like them
