@@ -4,7 +4,7 @@ One invocation generates DataCompDR-layout JPEG shards (`jpg`, `txt`, `json`, `s
 and, for each setup (eager / torch.compile at a batch size) and caption source, runs in fresh subprocesses:
 
 - `step`: qclip's bare training step (`qclip.train.clip_step`: model, loss, backward, clipping, fused AdamW) on random
-  tensors already on the device, `--reps` steps back to back between two synchronisations: the ceiling of the job.
+  images and captions of the shards' lengths already on the device (their padding skipped as the trainer does), `--reps` steps back to back between two synchronisations: the ceiling of the job.
 - `job`: the real job, `qclip.train.pretrain(dataset='datacompdr', data_root=<the shards>, ...)`: loader workers,
   decode + crop, tokenisation, the copy to the device, the step, logging. samples/s is the median over its logged
   intervals (`metrics.jsonl`, wall-clock between log steps, the first `--skip` intervals dropped: start-up, compile).
@@ -15,7 +15,8 @@ and, for each setup (eager / torch.compile at a batch size) and caption source, 
   (installed there with pip --target on first use; qclip's own pins are untouched).
 
 Printed per row: samples/s of each, job/step, job/open_clip, and model-FLOPs utilisation (FLOPs of one training
-sample, forward + backward of image + K captions, counted with torch's FlopCounterMode, x samples/s / peak).
+sample, forward + backward of image + K captions over their own tokens, counted with torch's FlopCounterMode, x
+samples/s / peak; open_clip_train also computes the padding, which is not counted as useful work).
 
     .venv/bin/python experiments/bench_job.py --device cpu           # tiny-vit, 1 thread + 1 loader worker: minutes
     python experiments/bench_job.py --device cuda --model ViT-B-16 --precision bf16 --setups eager:256 compile:512 \\
@@ -76,7 +77,7 @@ def make_shards(root:Path, shards:int, per:int, side:int, procs:int)->list[str]:
 def work_step(a:dict)->dict:
     "qclip's bare step on random device tensors: seconds per step, `reps` steps between two synchronisations (x3)."
     import torch
-    from qclip.models import create_clip, get_tokenizer
+    from qclip.models import create_clip, unpad_text
     from qclip.loss import ClipLoss
     from qclip.train import clip_step, param_groups
     dev = torch.device(a['device'])
@@ -88,7 +89,8 @@ def work_step(a:dict)->dict:
     size = model.visual.image_size; size = size[0] if isinstance(size, (tuple, list)) else size
     g = torch.Generator().manual_seed(1)
     x = torch.randn(a['batch'], 3, size, size, generator=g).to(dev)
-    t = torch.randint(1, 49000, (a['batch'], a['K'], get_tokenizer(a['model']).context_length), generator=g).to(dev)
+    t = captions(a['model'], a['batch'], a['K']).to(dev)
+    if a['variant'] != 'compile': unpad_text(model)  # as the job's trainer runs them
     loss_fn = ClipLoss(local_loss=True, gather_with_grad=True)
     sync = torch.cuda.synchronize if dev.type == 'cuda' else (lambda: None)
     t0 = time.perf_counter()
@@ -157,11 +159,27 @@ def run_open_clip(a, setup, batch, shard_glob, n_shards, env, site:Path)->dict:
     m = BATCH_T.findall(log)
     return dict(interval_sps=[batch / float(b) for _, b in m], data_wait_s=[float(d) for d, _ in m])
 
+def captions(model:str, batch:int, K:int):
+    "Tokens [batch, K, context] of captions as long as the shards' (12 and 15 words)."
+    import torch
+    from qclip.models import get_tokenizer
+    tok, rng = get_tokenizer(model), np.random.default_rng(1)
+    return torch.stack([tok([' '.join(rng.choice(WORDS, n)) for n in (12, 15)[:K]]) for _ in range(batch)])
+
 def flops_per_sample(model:str, K:int)->float:
-    "Forward + backward FLOPs of one training sample (image + K captions), counted by torch's FlopCounterMode."
-    sys.path.insert(0, str(HERE))
-    from bench_scaling import flops_per_sample as fps
-    return fps(model, K)
+    """Forward + backward FLOPs of one training sample (image + K captions of the shards' lengths, over their own
+    tokens: the model's useful work), counted by torch's FlopCounterMode."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+    from qclip.models import create_clip, unpad_text
+    from qclip.loss import ClipLoss
+    m = create_clip(model); unpad_text(m)
+    size = m.visual.image_size; size = size[0] if isinstance(size, (tuple, list)) else size
+    x, t = torch.randn(2, 3, size, size), captions(model, 2, K)
+    with FlopCounterMode(display=False) as fc:
+        img, txt, scale = m(x, t.transpose(0, 1).reshape(-1, t.shape[-1]))[:3]
+        ClipLoss()(img, txt.view(K, 2, -1), scale).backward()
+    return fc.get_total_flops() / 2
 
 def _median(xs, skip): xs = xs[skip:]; return statistics.median(xs) if xs else float('nan')
 
