@@ -28,14 +28,17 @@ machine the separate-process ratio drifts with the load (the loader worker compe
 the step had to itself); the CPU mode therefore also reports `job_over_own_steps`: the job's samples/s over those of
 its own steps timed inside it, over the same intervals, which no outside load moves.
 
-Measured on the 2-core CPU machine (`--device cpu`: tiny-vit fp32, batch 64, 1 thread + 1 loader worker, 80-px JPEGs;
-load average ~7 from other work, so the separate-process ratio is noisy):
+Measured on the 2-core CPU machine, idle (load average 0.9), batch 64 fp32, 1 thread + 1 loader worker, 80-px JPEGs;
+qclip runs the captions without their padding (`qclip.models.unpad_text`), open_clip_train pads them to the context:
 
-    captions  open_clip_train  qclip job  bare step  job/step  job/own steps  job/open_clip
-    gt              36.4          47.1       44.7      1.055       0.992          1.295
-    gt+syn            -           35.5       37.9      0.936       0.993            -
-    (before this issue's changes, same machine: job/own steps 0.996 gt, 0.995 gt+syn; on a CPU the copy to the device
-     and the host-device syncs the changes remove do not exist, so the CPU mode guards the training process's own cost)
+    python experiments/bench_job.py --device cpu                                   # tiny-vit (65 image tokens)
+    python experiments/bench_job.py --device cpu --model tiny-vit-p16 --steps 60   # 17 image tokens: text weighs more
+
+    model         captions  open_clip_train  qclip job  bare step  job/step  job/own steps  job/open_clip
+    tiny-vit      gt              141.9         177.8      186.0     0.956       0.993          1.253
+    tiny-vit      gt+syn            -           151.3      152.6     0.992       0.994            -
+    tiny-vit-p16  gt              316.8         547.4      562.2     0.974       0.981          1.728
+    tiny-vit-p16  gt+syn            -           344.5      353.0     0.976       0.983            -
 
 The GPU figures (job/step, job/open_clip_train, MFU; ViT-B/16 bf16 on an H200) are not measured yet: the session that
 wrote this had no GPU. `experiments/bench_job_h200.sh` runs them in one call of about 7 minutes.
