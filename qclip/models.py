@@ -78,6 +78,7 @@ def get_tokenizer(name:str):
 # %% ../nbs/05_models.ipynb #e2389a43
 def _encode_text_unpadded(self, text:torch.Tensor, normalize:bool=False, multiple:int=8)->torch.Tensor:
     "open_clip's `CLIP.encode_text`, run on each group of captions of one (rounded) length over those tokens only."
+    if not len(text): return type(self).encode_text(self, text, normalize)  # nothing to group
     L, cast = text.shape[1], self.transformer.get_cast_dtype()
     lens = ((text.argmax(-1) + multiple) // multiple * multiple).clamp(max=L)  # end token + 1, rounded up
     outs, rows = [], []
@@ -98,9 +99,10 @@ def unpad_text(
 )->bool:              # False: its text features depend on the padding, so it was left as it is
     """Make `model.encode_text` (so also `model(images, texts)`) skip each caption's padding: open_clip's features and
     gradients, for fewer FLOPs (in place, on this model object only)."""
-    if multiple < 1: raise ValueError(f"multiple={multiple!r}: expected a positive number of tokens")
+    if isinstance(multiple, bool) or not isinstance(multiple, int) or multiple < 1:
+        raise ValueError(f"multiple={multiple!r}: expected a positive whole number of tokens")
     ok = (isinstance(model, open_clip.CLIP) and getattr(model, 'attn_mask', None) is not None
-          and model.text_pool_type == 'argmax')  # causal, read at the end token
+          and getattr(model, 'text_pool_type', None) == 'argmax')  # causal, read at the end token
     if ok: model.encode_text = types.MethodType(partial(_encode_text_unpadded, multiple=multiple), model)
     return ok
 
