@@ -4,7 +4,8 @@ One invocation generates DataCompDR-layout JPEG shards (`jpg`, `txt`, `json`, `s
 and, for each setup (eager / torch.compile at a batch size) and caption source, runs in fresh subprocesses:
 
 - `step`: qclip's bare training step (`qclip.train.clip_step`: model, loss, backward, clipping, fused AdamW) on random
-  images and captions of the shards' lengths already on the device (their padding skipped as the trainer does), `--reps` steps back to back between two synchronisations: the ceiling of the job.
+  images and captions of the shards' lengths already on the device (their padding skipped as the trainer does),
+  `--reps` steps back to back between two synchronisations: the ceiling of the job.
 - `job`: the real job, `qclip.train.pretrain(dataset='datacompdr', data_root=<the shards>, ...)`: loader workers,
   decode + crop, tokenisation, the copy to the device, the step, logging. samples/s is the median over its logged
   intervals (`metrics.jsonl`, wall-clock between log steps, the first `--skip` intervals dropped: start-up, compile).

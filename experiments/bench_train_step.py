@@ -80,12 +80,13 @@ def main():
     mem = {v: json.loads(subprocess.run([sys.executable, __file__, '--mem-only', v, '--model', args.model, '--batch',
                                          str(args.batch), '--precision', args.precision, '--captions', args.captions],
                                         capture_output=True, text=True, check=True).stdout) for v in steps}
-    print(f"{args.model}, batch {args.batch}, {args.precision}, {args.captions} captions, {args.reps} interleaved reps, "
-          f"{torch.get_num_threads()} threads")
+    print(f"{args.model}, batch {args.batch}, {args.precision}, {args.captions} captions, {args.reps} interleaved "
+          f"reps, {torch.get_num_threads()} threads")
     print(f"{'step':<10}{'median s':>10}{'samples/s':>12}{'peak MB':>10}")
     for v in steps:
         med = statistics.median(times[v])
         print(f"{v:<10}{med:>10.3f}{args.batch / med:>12.1f}{mem[v]:>10.0f}")
-    print(f"ratio qclip/open_clip samples/s: {statistics.median(times['open_clip']) / statistics.median(times['qclip']):.3f}")
+    ratio = statistics.median(times['open_clip']) / statistics.median(times['qclip'])
+    print(f"ratio qclip/open_clip samples/s: {ratio:.3f}")
 
 if __name__ == '__main__': main()
