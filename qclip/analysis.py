@@ -11,7 +11,7 @@ import numpy as np, pandas as pd, yaml
 # %% auto #0
 __all__ = ['PAPER_ORDER', 'RANDOM_ROW', 'TASKS', 'ADJACENT', 'PAIRS', 'PLAN_KEYS', 'betainc', 't_sf', 't_ppf', 'paired_t',
            'sign_flip', 'holm', 'wide', 'paired_diff', 'gate', 'pair_tests', 'ordering_p', 'verdict_text', 'read_plan',
-           'plan_verdicts']
+           'plan_verdicts', 't_power', 'seeds_needed']
 
 # %% ../nbs/09c_analysis.ipynb #3c92ff95
 def _betacf(a:float, b:float, x:float, iters:int=300, eps:float=3e-16)->float:
@@ -283,3 +283,19 @@ def plan_verdicts(
                         p_order=p, p_reverse=pr, negative_transfer=', '.join(neg),
                         verdict=verdict_text(gated.get(c), n, p, pr, pt, neg, alpha, corrected=primary)))
     return pd.DataFrame(out), g
+
+# %% ../nbs/09c_analysis.ipynb #1a2c831b
+def t_power(d:float, n:int, alpha:float, draws:int=200_000, seed:int=0)->float:
+    "Power of the one-sided paired t-test at level `alpha` for effect size `d` (mean / sd of differences), `n` seeds."
+    if n < 2: return 0.
+    rng = np.random.default_rng(seed)
+    z, v = rng.standard_normal(draws), rng.chisquare(n - 1, draws) / (n - 1)
+    return float(((z + d * math.sqrt(n)) / np.sqrt(v) > t_ppf(1 - alpha, n - 1)).mean())
+
+# %% ../nbs/09c_analysis.ipynb #93fbfda1
+def seeds_needed(d:float, alpha:float, power:float=0.8, n_max:int=20)->int:
+    "The fewest seeds at which both tests can reject at `alpha` and the t-test has `power` for effect size `d`."
+    floor = math.ceil(math.log2(1 / alpha))  # the sign-flip test's smallest p-value is 2^-n
+    for n in range(max(2, floor), n_max + 1):
+        if t_power(d, n, alpha) >= power: return n
+    return n_max + 1

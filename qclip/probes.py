@@ -17,9 +17,10 @@ from .train import retrieval
 from .harness import run_device
 
 # %% auto #0
-__all__ = ['RIDGE_GRID', 'WD_GRID', 'COCO_IOUS', 'PROBE_DEFAULTS', 'tower_features', 'standardize', 'fit_softmax', 'ridge',
-           'select', 'linear_probe', 'patch_targets', 'seg_scores', 'neg_mse', 'seg_probe', 'depth_probe', 'box_ap',
-           'box_targets', 'box_probe', 'zero_shot', 'check_probe_params', 'probe_encoder']
+__all__ = ['RIDGE_GRID', 'WD_GRID', 'COCO_IOUS', 'HELDOUT_TEMPLATES', 'PROBE_DEFAULTS', 'tower_features', 'standardize',
+           'fit_softmax', 'ridge', 'select', 'linear_probe', 'patch_targets', 'seg_scores', 'neg_mse', 'seg_probe',
+           'depth_probe', 'box_ap', 'box_targets', 'decode_boxes', 'box_probe', 'zero_shot', 'heldout_caption',
+           'check_probe_params', 'probe_encoder']
 
 # %% ../nbs/08c_probes.ipynb #8efb23da
 @torch.no_grad()
@@ -252,6 +253,28 @@ def box_targets(
     dist = dist / torch.tensor([W, H, W, H]).view(1, 4, 1, 1)
     return 1 - shares[:, :1], dist, [box[i, present[i]] for i in range(N)]
 
+# %% ../nbs/08c_probes.ipynb #d3c0de02
+def decode_boxes(
+    score:Tensor,         # [N, h, w] objectness of each cell (any monotone score: logits or probabilities)
+    dist:Tensor,          # [N, 4, h, w] distances from each cell's centre to the left, top, right, bottom box edges,
+                          # in image sizes (as `box_targets` makes them)
+    size:tuple,           # (H, W) of the images, pixels
+    nms_iou:float=0.5,
+)->list[tuple[Tensor, Tensor]]: # per image: boxes [k, 4] (x0 y0 x1 y1, pixels) and their scores, after NMS
+    "One box per cell from its centre and predicted edge distances, clipped to the image, empty ones dropped, NMS."
+    from torchvision.ops import nms, clip_boxes_to_image
+    (H, W), hw = size, tuple(score.shape[-2:])
+    d = dist.permute(0, 2, 3, 1).reshape(len(dist), -1, 4) * torch.tensor([W, H, W, H], dtype=dist.dtype)
+    cy, cx = _centres(hw, (H, W))
+    cx, cy = cx.repeat(hw[0]), cy.repeat_interleave(hw[1])
+    boxes = clip_boxes_to_image(torch.stack([cx - d[..., 0], cy - d[..., 1], cx + d[..., 2], cy + d[..., 3]], -1),
+                                (H, W))
+    out = []
+    for b, s in zip(boxes, score.flatten(1)):
+        ok = (b[:, 2] > b[:, 0]) & (b[:, 3] > b[:, 1]); b, s = b[ok], s[ok]
+        k = nms(b, s, nms_iou); out.append((b[k], s[k]))
+    return out
+
 # %% ../nbs/08c_probes.ipynb #9f66f31a
 def box_probe(
     Mtr:Tensor, insttr:Tensor,  # training feature maps [N, D, h, w] and instance maps [N, H, W]
@@ -262,7 +285,6 @@ def box_probe(
 )->dict:                        # {'AP', 'AP50', 'AP75' (%), 'lam_obj', 'lam_box'}
     """Class-agnostic box AP of linear maps from frozen patch tokens to objectness and box distances (a linear FCOS
     probe)."""
-    from torchvision.ops import nms, clip_boxes_to_image
     hw, (H, W) = Mtr.shape[-2:], insttr.shape[-2:]
     Xtr, Xva = standardize(_rows(Mtr), _rows(Mva))
     obj, dist, _ = box_targets(insttr, hw)
@@ -271,17 +293,10 @@ def box_probe(
     (Wo, bo), lam_o, _ = select(fit, neg_mse, Xtr, _rows(obj), grid, seed, groups)
     fg = _rows(obj)[:, 0] >= 0.5  # patches mostly on one object teach its box
     (Wd, bd), lam_d, _ = select(fit, neg_mse, Xtr[fg], _rows(dist)[fg], grid, seed, groups[fg])
-    score = (Xva @ Wo + bo).reshape(len(Mva), -1)
-    d = (Xva @ Wd + bd).reshape(len(Mva), -1, 4) * torch.tensor([W, H, W, H])
-    cy, cx = _centres(hw, (H, W))
-    cx, cy = cx.repeat(hw[0]), cy.repeat_interleave(hw[1])
-    boxes = torch.stack([cx - d[..., 0], cy - d[..., 1], cx + d[..., 2], cy + d[..., 3]], -1)
-    boxes = clip_boxes_to_image(boxes, (H, W))
-    dets = []
-    for b, s in zip(boxes, score):
-        ok = (b[:, 2] > b[:, 0]) & (b[:, 3] > b[:, 1]); b, s = b[ok], s[ok]
-        k = nms(b, s, nms_iou); dets.append((b[k], s[k]))
-    return {**box_ap(dets, box_targets(instva, hw)[2]), 'lam_obj': lam_o, 'lam_box': lam_d}
+    score = (Xva @ Wo + bo).reshape(len(Mva), *hw)
+    d = (Xva @ Wd + bd).reshape(len(Mva), *hw, 4).permute(0, 3, 1, 2)
+    return {**box_ap(decode_boxes(score, d, (H, W), nms_iou), box_targets(instva, hw)[2]), 'lam_obj': lam_o,
+            'lam_box': lam_d}
 
 # %% ../nbs/08c_probes.ipynb #12be90a6
 @torch.no_grad()
@@ -291,18 +306,31 @@ def zero_shot(
     y:Tensor,             # [N] class ids
     classnames:list[str],
     tokenizer,
-    template:str='a photo of a {}.',
+    templates:str|list='a photo of a {}.', # one prompt per class, or several: their embeddings are averaged
     batch_size:int=256,
 )->float:                 # top-1 accuracy, %
-    """Zero-shot top-1 (%): each image gets the class whose prompt's text embedding is nearest (CLIP's zero-shot
-    protocol)."""
-    clip = clip.eval()
-    t = F.normalize(clip.encode_text(tokenizer([template.format(c) for c in classnames])).float(), dim=-1)
+    """Zero-shot top-1 (%): each image gets the class whose prompt embedding is nearest (CLIP's zero-shot protocol;
+    several templates are ensembled as CLIP does: the mean of their normalised embeddings, normalised)."""
+    clip, templates = clip.eval(), [templates] if isinstance(templates, str) else list(templates)
+    t = torch.stack([F.normalize(clip.encode_text(tokenizer([tm.format(c) for c in classnames])).float(), dim=-1)
+                     for tm in templates]).mean(0)
+    t = F.normalize(t, dim=-1)
     hits = 0
     for i in range(0, len(images), batch_size):
         v = F.normalize(clip.encode_image(images[i:i + batch_size]).float(), dim=-1)
         hits += ((v @ t.T).argmax(1) == y[i:i + batch_size]).sum().item()
     return 100 * hits / len(images)
+
+# %% ../nbs/08c_probes.ipynb #b0d1e001
+# zero-shot prompts in frames no training source uses (checked against every caption generator below); each keeps
+# the object's name, "{colour} {shape}", which every source uses
+HELDOUT_TEMPLATES = ['i spy a {}', 'quiz answer: {}', 'our mystery item is a {}', '{} (seen from above)',
+                     'sketch of one {} for a puzzle']
+
+# %% ../nbs/08c_probes.ipynb #b0d1e002
+def heldout_caption(objects:list[dict])->str:
+    "A retrieval caption in a frame no training source uses: each object's colour and shape, left to right."
+    return 'objects here: ' + ', '.join(f"{o['colour']} {o['shape']}" for o in sorted(objects, key=lambda o: o['x']))
 
 # %% ../nbs/08c_probes.ipynb #a10105db
 PROBE_DEFAULTS = dict(
