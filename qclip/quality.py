@@ -25,16 +25,10 @@ __all__ = ['POOLS', 'MEAN_MEASURES', 'HIGHER_IS_FAITHFUL', 'QUALITY_DEFAULTS', '
 # %% ../nbs/09b_quality.ipynb #d6f58e70
 _WORD = re.compile(r"[a-z0-9']+")
 
-def _text(v)->str: return v.decode('utf-8', 'replace') if isinstance(v, bytes) else str(v)
-
 def _syn(v)->list[str]:
     d = json.loads(v)
     d = d.get('syn_text', next((x for x in d.values() if isinstance(x, list)), [])) if isinstance(d, dict) else d
     return [str(c) for c in d]
-
-def _uid(s:dict)->str:
-    try: return str(json.loads(s['json'])['uid'])
-    except Exception: return s['__key__']
 
 _REINFORCE_KEYS = ('dataset', 'coca', 'data_root', 'synth_n', 'synth_val', 'synth_size')  # what a source needs
 
