@@ -4,16 +4,17 @@
 
 # %% ../nbs/00_core.ipynb #691a9978
 from __future__ import annotations
-import ast, contextlib, difflib, fcntl, json, os, random, socket, sys, tempfile, time
+import ast, contextlib, difflib, fcntl, json, os, random, re, socket, sys, tempfile, time
 from pathlib import Path
 from typing import Any, Callable, Iterable
 import numpy as np, torch
 
 # %% auto #0
-__all__ = ['LOCK_FILE', 'LOCK_ENV', 'Registry', 'check_choice', 'check_positive', 'atomic_path', 'atomic_write_text',
-           'save_checkpoint', 'load_checkpoint', 'seed_everything', 'cache_dir', 'MetricsLog', 'plot_curves',
-           'RunLockedError', 'lock_holder', 'clean_stale_tmp', 'lock_here', 'run_lock', 'yaml_value', 'assigned_names',
-           'unknown_params', 'check_job_params', 'papermill_run', 'progress_bar']
+__all__ = ['WEIGHT_SUFFIXES', 'LOCK_FILE', 'LOCK_ENV', 'Registry', 'check_choice', 'check_positive', 'atomic_path',
+           'atomic_write_text', 'save_checkpoint', 'RefusedFileError', 'loading_weights', 'check_weights',
+           'load_weights', 'load_checkpoint', 'seed_everything', 'cache_dir', 'MetricsLog', 'plot_curves',
+           'RunLockedError', 'lock_holder', 'clean_stale_tmp', 'lock_here', 'run_lock', 'check_out_dir', 'yaml_value',
+           'assigned_names', 'unknown_params', 'check_job_params', 'papermill_run', 'progress_bar']
 
 # %% ../nbs/00_core.ipynb #0d6bd5df
 class Registry(dict):
@@ -73,12 +74,85 @@ def save_checkpoint(state:dict, path):
     with atomic_path(path) as tmp: torch.save(state, tmp)
     return Path(path)
 
+# %% ../nbs/00_core.ipynb #04a10167
+class RefusedFileError(ValueError):
+    "A file qclip will not load: loading it would run code, or it is not a weights file qclip reads."
+
+
+# %% ../nbs/00_core.ipynb #1abb5c35
+_LOADER_FILES = ('torch/serialization.py', 'torch/_weights_only_unpickler.py', 'safetensors/')
+
+def _from_loader(e:BaseException)->bool:
+    "Was `e` raised while torch or safetensors read a file (not later, e.g. by `load_state_dict`)?"
+    tb = e.__traceback__
+    while tb is not None:
+        if any(s in tb.tb_frame.f_code.co_filename.replace(os.sep, '/') for s in _LOADER_FILES): return True
+        tb = tb.tb_next
+    return False
+
+@contextlib.contextmanager
+def loading_weights(
+    path,       # the file being read (here or inside a library such as open_clip)
+    param:str,  # what the user named it by: a parameter ('encoder'), or e.g. "out_dir='runs/x' (resume)"
+):
+    "Errors of reading weights file `path` as one line naming `param` and the file; a pickle carrying code is refused."
+    where = f"{param}: {str(path)!r}"
+    try: yield
+    except RefusedFileError: raise
+    except Exception as e:
+        if not _from_loader(e): raise
+        msg = str(e)
+        g = re.search(r'GLOBAL (\S+)', msg)  # torch's weights-only unpickler met an object that is not data
+        if 'Weights only load failed' in msg and (g or 'TorchScript' in msg):
+            what = f"it names {g[1]}" if g else 'a TorchScript archive'
+            raise RefusedFileError(f"{where} was refused: it holds Python objects besides tensors and plain containers "
+                                   f"({what}), and loading them would run code; give the weights as .safetensors or "
+                                   "as a state dict of tensors") from None
+        detail = re.search(r'WeightsUnpickler error:\s*(.+)', msg, re.S)
+        first = ((detail[1] if detail else msg).strip().splitlines() or [''])[0][:160]
+        raise RefusedFileError(f"{where} is not a readable weights file ({type(e).__name__}: {first})") from None
+
+
+# %% ../nbs/00_core.ipynb #4beb6a70
+WEIGHT_SUFFIXES = ('.safetensors', '.pt', '.pth', '.bin', '.ckpt')
+
+def check_weights(path, param:str)->Path:
+    "`path` as a Path if it is a weights file qclip reads (safetensors or a torch state dict), else one line naming `param`."
+    p = Path(str(path)).expanduser()
+    if not p.is_file(): raise FileNotFoundError(f"{param}: {str(path)!r} is not a file; give a local weights file")
+    if p.suffix not in WEIGHT_SUFFIXES:
+        raise RefusedFileError(f"{param}: {str(path)!r}: {p.suffix or 'a file without suffix'} weights are not "
+                               f"supported; expected one of {', '.join(WEIGHT_SUFFIXES)} (safetensors, or a state "
+                               "dict of tensors saved with torch.save)")
+    return p
+
+
+# %% ../nbs/00_core.ipynb #3d62c952
+def load_weights(
+    path,               # .safetensors, or a torch file of tensors and plain containers (.pt, .pth, .bin, .ckpt)
+    param:str,          # the parameter that named it, for a one-line error
+    map_location='cpu',
+)->dict:
+    "The contents of a local weights file, never unpickling objects that run code; one line naming `param` otherwise."
+    p = check_weights(path, param)
+    with loading_weights(p, param):
+        if p.suffix == '.safetensors':
+            from safetensors.torch import load_file
+            return load_file(p, device=str(map_location))
+        return torch.load(p, map_location=map_location, weights_only=True)
+
+
 # %% ../nbs/00_core.ipynb #00aae416
-def load_checkpoint(path, map_location='cpu') -> dict:
-    "Load a checkpoint without unpickling arbitrary objects (`weights_only=True`)."
+def load_checkpoint(
+    path,                  # a checkpoint written by `save_checkpoint`
+    map_location='cpu',
+    param:str='checkpoint',# what the user named it by, for a refusal: e.g. "out_dir='runs/x' (resume)"
+)->dict:
+    "Load a checkpoint without unpickling arbitrary objects (`weights_only=True`); a refusal names `param` and the file."
     path = Path(path)
     if not path.is_file(): raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
-    return torch.load(path, map_location=map_location, weights_only=True)
+    with loading_weights(path, param): return torch.load(path, map_location=map_location, weights_only=True)
+
 
 # %% ../nbs/00_core.ipynb #11d49630
 def seed_everything(seed:int):
@@ -223,6 +297,20 @@ def run_lock(
         (d/LOCK_FILE).unlink(missing_ok=True)  # while still held: a job waiting on this file sees it gone and reopens
         if not ok and created and not any(d.iterdir()): d.rmdir()  # failed before writing anything: no empty folder
         fcntl.flock(fh, fcntl.LOCK_UN); fh.close()
+
+# %% ../nbs/00_core.ipynb #090c4e98
+def check_out_dir(out_dir, name:str='out_dir')->str:
+    "`out_dir` as text if it is a folder or can be made one; else one line naming `name` (a file, or under a file)."
+    s = str(out_dir or '')
+    if not s: raise ValueError(f"{name}='' is not valid; expected a folder (existing or new)")
+    p = Path(s).expanduser()
+    for q in [p, *p.parents]:
+        if q.exists() or q.is_symlink():
+            if not q.is_dir():
+                raise ValueError(f"{name}={s!r} is not valid: {str(q)!r} is a file, not a folder; choose another {name}")
+            break
+    return s
+
 
 # %% ../nbs/00_core.ipynb #48e73185
 def yaml_value(s:str):

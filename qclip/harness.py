@@ -42,7 +42,7 @@ class RunFolder:
         if not (self.p['resume'] and self.ck_path.exists()):
             if self.rank == 0 and self.log.path.exists(): self.log.path.unlink()
             return None
-        ck = load_checkpoint(self.ck_path, map_location=device)
+        ck = load_checkpoint(self.ck_path, map_location=device, param=f"out_dir={str(self.out)!r} (resume)")
         saved, now = {**self.defaults, **ck['params']}, self.p
         changed = {k: (saved.get(k), now.get(k)) for k in self.keys if saved.get(k) != now.get(k)}
         changed.update({k: (ck.get(k), v) for k, v in fields.items() if ck.get(k) != v})

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np, torch, torch.nn as nn, torch.nn.functional as F, timm, yaml
 from torch import Tensor
 from timm.layers import LayerNorm2d
-from safetensors.torch import load_file
+from .core import load_weights
 from .distributed import sum_ranks
 from .models import (CLIP_MODELS, IMAGE_ENCODERS, create_clip, create_image_encoder, feature_maps, is_vit,
                           vit_input_size)
@@ -38,22 +38,23 @@ def build_tower(arch:str, **kw)->nn.Module:
                      f"{', '.join(sorted([*CLIP_MODELS, *IMAGE_ENCODERS]))} or a timm model name")
 
 # %% ../nbs/08_heads.ipynb #ca8bc1bd
-def _read_state(path:Path)->tuple[dict, str|None]:
+def _read_state(path:Path, param:str='encoder')->tuple[dict, str|None]:
     "(state dict, arch named by the file or None) of a weights file or a 10_pretrain folder."
     if path.is_dir():
         if not (path/'params.yaml').is_file() or not (path/'model.safetensors').is_file():
             raise FileNotFoundError(f"encoder folder {str(path)!r} is not a 10_pretrain output: "
                                     "it needs params.yaml and model.safetensors")
-        return load_file(path/'model.safetensors'), yaml.safe_load((path/'params.yaml').read_text()).get('model')
-    if path.suffix == '.safetensors': return load_file(path), None
-    obj = torch.load(path, map_location='cpu', weights_only=True)
+        meta = yaml.safe_load((path/'params.yaml').read_text())
+        return load_weights(path/'model.safetensors', param), meta.get('model') if isinstance(meta, dict) else None
+    # safetensors, or a torch file read with weights_only=True; a pickle carrying code or an .npz: one line
+    obj = load_weights(path, param)
     if isinstance(obj, dict) and isinstance(obj.get('params'), dict) and 'model' in obj:  # qclip checkpoint.pt
         # the EMA weights are the ones model.safetensors gets
         return obj.get('ema') or obj['model'], obj['params'].get('model')
     for k in ('state_dict', 'model', 'module'):
         if isinstance(obj, dict) and isinstance(obj.get(k), dict): obj = obj[k]; break
     if not isinstance(obj, dict) or not all(isinstance(v, Tensor) for v in obj.values()):
-        raise ValueError(f"{str(path)!r} holds no state dict (a dict of tensors, or one under 'state_dict'/'model')")
+        raise ValueError(f"{param}: {str(path)!r} holds no state dict (a dict of tensors, or one under 'state_dict'/'model')")
     return obj, None
 
 # %% ../nbs/08_heads.ipynb #e1d96d15
@@ -89,6 +90,7 @@ def load_tower_weights(tower:nn.Module, sd:dict, arch:str, where:str)->nn.Module
 def load_encoder(
     encoder:str,        # architecture (random init) or a path: 10_pretrain folder, .safetensors/.pt/.pth, checkpoint.pt
     arch:str|None=None, # architecture of a file that does not name it (timm state dicts, bare open_clip weights)
+    param:str='encoder',# the parameter that named `encoder`, for one-line errors
     **kw,               # passed to the timm constructor (e.g. img_size)
 )->nn.Module:           # the image tower, weights loaded
     "The image tower named by `encoder`: built at random init, or loaded strictly from a checkpoint on disk."
@@ -100,7 +102,7 @@ def load_encoder(
             raise FileNotFoundError(f"encoder={encoder!r}: no such file or folder")
         raise ValueError(f"unknown encoder={encoder!r}; expected a checkpoint path or one of: "
                          f"{', '.join(sorted([*CLIP_MODELS, *IMAGE_ENCODERS]))} (or a timm model name)")
-    sd, named = _read_state(p)
+    sd, named = _read_state(p, param)
     arch = arch or named
     if arch is None:
         raise ValueError(f"encoder={encoder!r} does not name its architecture; "

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch, torch.nn as nn, torch.nn.functional as F, open_clip, timm, yaml
 from open_clip.transformer import text_global_pool
 from safetensors.torch import save_file
-from .core import Registry, cache_dir, atomic_path, atomic_write_text
+from .core import Registry, cache_dir, atomic_path, atomic_write_text, check_weights, loading_weights
 from .encoders import adapter
 
 # %% auto #0
@@ -56,18 +56,20 @@ def create_clip(
     name:str,                       # a name in `CLIP_MODELS` (an open_clip model name)
     pretrained:str|Path|None=None,  # local weights file (open_clip state dict, .pt or .safetensors)
     grad_checkpointing:bool=False,  # recompute activations in backward to save memory
+    param:str='pretrained',         # the parameter that named `pretrained`, for a one-line error (e.g. 'teachers')
     **kwargs,                       # passed to `open_clip.create_model`
 )->nn.Module:
     "Build a CLIP model by registry name, randomly initialised unless `pretrained` names a local file."
     CLIP_MODELS[name]  # fails with the accepted names
-    if pretrained is not None and not Path(pretrained).is_file():
-        raise FileNotFoundError(f"pretrained={str(pretrained)!r} is not a file; give a local weights file "
-                                "(no downloads)")
+    if pretrained is not None: check_weights(pretrained, param)  # a local file of a suffix qclip reads (no downloads)
     logging.getLogger().disabled, prev = True, logging.getLogger().disabled  # open_clip warns about random init
-    try: model = open_clip.create_model(name, pretrained=str(pretrained) if pretrained else None, **kwargs)
+    try:
+        with loading_weights(pretrained, param):  # a pickle carrying code: one line naming `param`, never loaded
+            model = open_clip.create_model(name, pretrained=str(pretrained) if pretrained else None, **kwargs)
     finally: logging.getLogger().disabled = prev
     if grad_checkpointing: model.set_grad_checkpointing(True)
     return model
+
 
 # %% ../nbs/05_models.ipynb #c926cea5
 def get_tokenizer(name:str):
@@ -114,13 +116,16 @@ def save_weights(model:nn.Module, path)->Path:
     return Path(path)
 
 # %% ../nbs/05_models.ipynb #41cab5f0
-def load_run(out_dir, weights:str='model.safetensors')->nn.Module:
+def load_run(out_dir, weights:str='model.safetensors', param:str='pretrained')->nn.Module:
     "The CLIP model written by a `10_pretrain` run in `out_dir` (reads `params.yaml` for the model name)."
     out_dir = Path(out_dir)
     if not (out_dir/'params.yaml').is_file():
         raise FileNotFoundError(f"{str(out_dir)!r} holds no params.yaml: not a 10_pretrain output folder")
     params = yaml.safe_load((out_dir/'params.yaml').read_text())
-    return create_clip(params['model'], pretrained=out_dir/weights)
+    if not isinstance(params, dict) or not isinstance(params.get('model'), str):
+        raise ValueError(f"{str(out_dir/'params.yaml')!r} names no model (key 'model'): not a 10_pretrain output folder")
+    return create_clip(params['model'], pretrained=out_dir/weights, param=param)
+
 
 # %% ../nbs/05_models.ipynb #6d63eb58
 IMAGE_ENCODERS = Registry('encoder')

@@ -368,7 +368,7 @@ def _models(p:dict)->tuple[nn.Module, nn.Module|None, str]:
     enc = Path(p['encoder']).expanduser()
     if enc.is_dir() and (enc/'params.yaml').is_file():  # a 10_pretrain run: the whole CLIP, text tower included
         arch = yaml.safe_load((enc/'params.yaml').read_text())['model']
-        clip = load_run(enc)
+        clip = load_run(enc, param='encoder')
     elif p['encoder'] in CLIP_MODELS and not p['arch']:  # an untrained CLIP, seeded
         seed_everything(p['seed']); arch, clip = p['encoder'], create_clip(p['encoder'])
     else:  # an image tower alone: no text tower, no zero-shot or retrieval

@@ -8,37 +8,49 @@ import argparse, json, os, re, sys
 from collections import Counter
 from pathlib import Path
 import numpy as np, pandas as pd, torch, yaml
-from .core import check_positive, atomic_path, atomic_write_text
+from .core import check_positive, atomic_path, atomic_write_text, run_lock, RunLockedError, check_out_dir
 from .models import CLIP_MODELS, create_clip, get_tokenizer, load_run
-from .data.shards import DATASETS, BadCounter, IMAGE_KEYS, find_shards, read_tar, join_dr
+from .data.shards import (DATASETS, BadCounter, BadSample, BadDataError, IMAGE_KEYS, find_shards, read_tar, join_dr,
+                               stored_path, local_path)
 from .data.augment import CropTransform, normalize_batch
 from .data.synth import SYNTH_DATASETS, caption_mentions, mentions_object
 
 # %% auto #0
 __all__ = ['POOLS', 'MEAN_MEASURES', 'HIGHER_IS_FAITHFUL', 'QUALITY_DEFAULTS', 'TRANSFER_METRICS', 'source_label',
-           'load_captions', 'words', 'text_measures', 'faithfulness', 'load_scorer', 'clip_scores', 'caption_frame',
-           'quality_summary', 'quality_table', 'plot_quality', 'check_quality_params', 'quality_sources',
-           'caption_quality', 'load_quality', 'run_stage', 'run_source', 'quality_beside_transfer',
+           'load_captions', 'words', 'text_measures', 'faithfulness', 'load_scorer', 'clip_scores', 'caption_measures',
+           'caption_frame', 'quality_summary', 'quality_table', 'plot_quality', 'check_quality_params',
+           'quality_sources', 'caption_quality', 'load_quality', 'run_stage', 'run_source', 'quality_beside_transfer',
            'plot_quality_vs_transfer', 'cli']
 
 # %% ../nbs/09b_quality.ipynb #d6f58e70
 _WORD = re.compile(r"[a-z0-9']+")
-
-def _text(v)->str: return v.decode('utf-8', 'replace') if isinstance(v, bytes) else str(v)
 
 def _syn(v)->list[str]:
     d = json.loads(v)
     d = d.get('syn_text', next((x for x in d.values() if isinstance(x, list)), [])) if isinstance(d, dict) else d
     return [str(c) for c in d]
 
-def _uid(s:dict)->str:
-    try: return str(json.loads(s['json'])['uid'])
-    except Exception: return s['__key__']
+_REINFORCE_KEYS = ('dataset', 'coca', 'data_root', 'synth_n', 'synth_val', 'synth_size')  # what a source needs
 
 def _reinforced(path)->dict|None:
-    "The parameters of a `qclip reinforce` output folder (its reinforce.yaml), else None."
-    p = Path(str(path))/'reinforce.yaml'
-    return yaml.safe_load(p.read_text()) if p.is_file() else None
+    """The parameters of a `qclip reinforce` output folder (its reinforce.yaml), else None; a file that lacks what a
+    source needs, or whose data_root is a URL, fails in one line naming the file and the key."""
+    f = Path(str(path))/'reinforce.yaml'
+    if not f.is_file(): return None
+    try: r = yaml.safe_load(f.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ValueError(f"{str(f)!r} is not valid YAML ({' '.join(str(e).split())[:200]})") from None
+    if not isinstance(r, dict): raise ValueError(f"{str(f)!r} is not a mapping of qclip reinforce parameters")
+    if (missing := [k for k in _REINFORCE_KEYS if k not in r]):
+        raise ValueError(f"{str(f)!r} lacks the key(s) {', '.join(missing)} that qclip reinforce writes; rerun "
+                         "qclip reinforce into that folder")
+    if r['dataset'] not in DATASETS:
+        raise ValueError(f"{str(f)!r}: dataset={r['dataset']!r} is not one of {', '.join(DATASETS)}")
+    for k in ('synth_n', 'synth_val', 'synth_size'):
+        try: r[k] = check_positive(k, r[k])
+        except ValueError as e: raise ValueError(f"{str(f)!r}: {e}") from None
+    r['data_root'] = stored_path(r['data_root'], f, 'data_root')  # read from a file: a local path, never a pipe: URL
+    return r
 
 # %% ../nbs/09b_quality.ipynb #40528081
 def source_label(source:str)->str:
@@ -47,22 +59,42 @@ def source_label(source:str)->str:
     return f"{r['dataset']} + {r['coca']}" if r else str(source)
 
 # %% ../nbs/09b_quality.ipynb #e85107e8
+def _caption_rows(s:dict, label:str, check)->tuple[str, tuple, list[dict]]:
+    "uid, (image bytes, objects or None) and caption rows of one sample; `BadSample` with the kind of failure."
+    key = next((k for k in IMAGE_KEYS if k in s), None)
+    if key is None: raise BadSample('missing', f'no image ({"/".join(IMAGE_KEYS)})')
+    try: meta = json.loads(s['json']) if 'json' in s else {}
+    except (ValueError, UnicodeDecodeError) as e: raise BadSample('malformed', f'json: {e}')
+    try: check(s[key])  # decoded as the scorer will: a corrupt image or a decompression bomb is a bad sample here
+    except Exception as e: raise BadSample('image', f'{key}: {e!r}')
+    meta = meta if isinstance(meta, dict) else {}
+    uid, rows = str(meta['uid']) if 'uid' in meta else s['__key__'], []
+    if 'txt' in s:
+        try: rows.append(dict(dataset=label, uid=uid, caption_source='gt', caption=bytes(s['txt']).decode('utf-8')))
+        except UnicodeDecodeError as e: raise BadSample('malformed', f'txt is not UTF-8: {e}')
+    if 'syn.json' in s:
+        try: rows += [dict(dataset=label, uid=uid, caption_source='syn', caption=c) for c in _syn(s['syn.json'])]
+        except (ValueError, UnicodeDecodeError, AttributeError, TypeError) as e:
+            raise BadSample('malformed', f'syn.json: {e}')
+    return uid, (s[key], meta.get('objects')), rows
+
 def load_captions(
     source:str,           # a DATASETS name (built-in synth-* generated on demand) or a `qclip reinforce` output folder
     n_images:int=512,     # the first images of the split
     split:str='train',
     data_root:str='',     # real datasets: their shards
     synth_n:int|None=None, synth_size:int=64,  # built-in datasets (default: the split's DEFAULT_N)
+    counter:BadCounter|None=None,  # counts the bad samples/shards skipped, by kind (as pretraining does)
 )->tuple[pd.DataFrame, dict]: # rows (uid, caption_source 'gt' | 'syn', caption); {uid: (image bytes, objects or None)}
-    "Every caption of the first `n_images` images of a dataset or of reinforced side-cars, and the images."
-    r, counter, rows, images = _reinforced(source), BadCounter(max_bad_frac=1.0), [], {}
+    "Every caption of the first `n_images` usable images of a dataset or of reinforced side-cars, and the images."
+    r, rows, images = _reinforced(source), [], {}
+    counter = BadCounter(max_bad_frac=1.0) if counter is None else counter
     if r:  # side-cars joined with the images they caption (or self-contained with write_images)
         spec = DATASETS[r['dataset']]
         n = r['synth_n'] if split == 'train' else r['synth_val']
         synth = dict(n=n, size=r['synth_size']) if spec.synthetic else {}
         img = find_shards(r['dataset'], r['data_root'], split, **synth)
-        dr = sorted(str(p) for p in (Path(source)/split).glob('*.tar'))
-        pairs = {Path(u).name: u for u in dr}
+        pairs = {p.name: local_path(p) for p in sorted((Path(source)/split).glob('*.tar'))}
         it = (s for u in img if Path(u).name in pairs
               for s in join_dr(read_tar(u, counter), read_tar(pairs[Path(u).name], counter), counter))
         label = source_label(source)
@@ -71,17 +103,20 @@ def load_captions(
         synth = dict(n=synth_n, size=synth_size) if spec.synthetic else {}
         it = (s for u in find_shards(source, data_root, split, **synth) for s in read_tar(u, counter))
         label = source
+    check = CropTransform(32, train=False)
     for s in it:
-        key = next((k for k in IMAGE_KEYS if k in s), None)
-        if key is None: continue
-        uid = _uid(s)
-        meta = json.loads(s['json']) if 'json' in s else {}
-        images[uid] = (s[key], meta.get('objects') if isinstance(meta, dict) else None)
-        if 'txt' in s: rows.append(dict(dataset=label, uid=uid, caption_source='gt', caption=_text(s['txt'])))
-        if 'syn.json' in s:
-            rows += [dict(dataset=label, uid=uid, caption_source='syn', caption=c) for c in _syn(s['syn.json'])]
+        counter.seen()
+        try: uid, images[uid], new = _caption_rows(s, label, check)
+        except BadSample as e:
+            counter.bad(e.kind, f"{s['__url__']}:{s['__key__']}: {e}", where=(s['__url__'], s['__key__'])); continue
+        rows += new
         if len(images) >= n_images: break
+    if not images:
+        ex = '; '.join(f"{k}: {' '.join(v.split())}" for k, v in counter.examples.items())
+        raise BadDataError(f"sources={source!r}: no usable sample in its {split} shards "
+                           f"({f'bad samples/shards by kind: {dict(counter.counts)}; e.g. {ex}' if ex else 'none read'})")
     return pd.DataFrame(rows, columns=['dataset', 'uid', 'caption_source', 'caption']), images
+
 
 # %% ../nbs/09b_quality.ipynb #d1180fd0
 def words(caption:str)->list[str]:
@@ -113,13 +148,13 @@ def load_scorer(spec:str, device='cpu'):
     "A CLIP to score alignment with: a 10_pretrain run folder, or model:weights; (model, tokenizer)."
     spec = str(spec)
     if Path(spec).is_dir():
-        model, name = load_run(spec), yaml.safe_load((Path(spec)/'params.yaml').read_text())['model']
+        model, name = load_run(spec, param='scorer'), yaml.safe_load((Path(spec)/'params.yaml').read_text())['model']
     else:
         name, _, w = spec.partition(':')
         if name not in CLIP_MODELS or not w:
             raise ValueError(f"scorer={spec!r}: expected a 10_pretrain run folder or model:weights with a model in "
                              f"{', '.join(CLIP_MODELS)}")
-        model = create_clip(name, pretrained=w)
+        model = create_clip(name, pretrained=w, param='scorer')
     return model.to(device).eval(), get_tokenizer(name)
 
 # %% ../nbs/09b_quality.ipynb #895388ec
@@ -142,6 +177,23 @@ def clip_scores(scorer, captions:pd.DataFrame, images:dict, batch_size:int=256, 
     return np.concatenate(out) if out else np.zeros(0)
 
 # %% ../nbs/09b_quality.ipynb #4679ebae
+def caption_measures(
+    caps:pd.DataFrame,     # captions of one source (`load_captions`)
+    images:dict,           # its images (`load_captions`)
+    scorer=None,           # (CLIP, tokenizer) from `load_scorer`, or None for no alignment score
+    device='cpu',
+)->pd.DataFrame:           # per caption: dataset, caption_source, uid, caption, words, [clip_score, main/absent_named]
+    "The per-caption measures of one source's captions."
+    caps = caps.assign(words=caps['caption'].map(lambda c: len(words(c))))
+    if scorer is not None: caps['clip_score'] = clip_scores(scorer, caps, images, device=device)
+    objs = [images[u][1] for u in caps['uid']]
+    if objs and all(isinstance(o, list) and o for o in objs):  # built-in scenes: the generator's objects are known
+        f = pd.DataFrame([faithfulness(c, o) for c, o in zip(caps['caption'], objs)], index=caps.index)
+        caps = pd.concat([caps, f], axis=1)
+    return caps
+
+
+# %% ../nbs/09b_quality.ipynb #86efc797
 def caption_frame(
     sources:list[str],     # DATASETS names and/or `qclip reinforce` output folders
     n_images:int=512,      # images per source
@@ -150,17 +202,9 @@ def caption_frame(
     **kw,                  # `load_captions` options: split, data_root, synth_n, synth_size
 )->pd.DataFrame:           # per caption: dataset, caption_source, uid, caption, words, [clip_score, main/absent_named]
     "Every caption of every source with its per-caption measures."
-    frames = []
-    for src in sources:
-        caps, images = load_captions(src, n_images, **kw)
-        caps['words'] = caps['caption'].map(lambda c: len(words(c)))
-        if scorer is not None: caps['clip_score'] = clip_scores(scorer, caps, images, device=device)
-        objs = [images[u][1] for u in caps['uid']]
-        if objs and all(isinstance(o, list) and o for o in objs):  # built-in scenes: the generator's objects are known
-            f = pd.DataFrame([faithfulness(c, o) for c, o in zip(caps['caption'], objs)], index=caps.index)
-            caps = pd.concat([caps, f], axis=1)
-        frames.append(caps)
+    frames = [caption_measures(*load_captions(src, n_images, **kw), scorer, device) for src in sources]
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
 
 # %% ../nbs/09b_quality.ipynb #dfde3fde
 POOLS = {'gt': ('gt',), 'syn': ('syn',), 'gt+syn': ('gt', 'syn')}  # Table 2's G, S, G+S
@@ -245,6 +289,7 @@ def check_quality_params(**params)->dict:
     p = {**QUALITY_DEFAULTS, **params}
     for k in ('sources', 'reinforced', 'scorer', 'out_dir'):
         p[k] = ','.join(map(str, p[k])) if isinstance(p[k], (list, tuple)) else str(p[k] or '')
+    check_out_dir(p['out_dir'])
     for s in quality_sources(p):
         if s not in DATASETS and _reinforced(s) is None:
             raise ValueError(f"sources={s!r} is neither a dataset ({', '.join(DATASETS)}) nor a qclip reinforce output "
@@ -266,26 +311,34 @@ def caption_quality(**params)->dict:
     out = Path(p['out_dir'])
     dev = torch.device('cuda' if p['device'] == 'auto' and torch.cuda.is_available() else
                        'cpu' if p['device'] == 'auto' else p['device'])
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out/'params.yaml', yaml.safe_dump(p, sort_keys=False))
-    scorer = None
-    if p['scorer']: scorer = load_scorer(p['scorer'], dev)
-    elif p['scorer_steps']:
-        pretrain(dataset=p['scorer_dataset'], caption_source=p['scorer_caption_source'], model='tiny-vit',
-                 steps=p['scorer_steps'], warmup=max(1, p['scorer_steps'] // 10), synth_n=p['synth_n'],
-                 out_dir=str(out/'scorer'), device=p['device'], eval_every=p['scorer_steps'],
-                 ckpt_every=p['scorer_steps'], workers=1)
-        scorer = load_scorer(str(out/'scorer'), dev)
-    frame = caption_frame(quality_sources(p), p['n_images'], scorer, device=dev, split=p['split'],
-                          synth_n=p['synth_n'] if p['split'] == 'train' else None, synth_size=p['synth_size'])
-    summary = quality_summary(frame)
-    with atomic_path(out/'captions.csv') as tmp: frame.to_csv(tmp, index=False)
-    with atomic_path(out/'quality.csv') as tmp: summary.to_csv(tmp, index=False)
-    plot_quality(frame, summary, out/'quality.png')
-    res = {f'{d} | {c}': row.dropna().to_dict() for (d, c), row in quality_table(summary).iterrows()}
-    used = p['scorer'] or (str(out/'scorer') if scorer else None)
-    atomic_write_text(out/'results.json', json.dumps(dict(quality=res, scorer=used), indent=1))
+    with run_lock(out):  # one job per out_dir: a second one fails at once, naming this one
+        loaded, bad = {}, {}
+        for src in quality_sources(p):  # first: a source with no usable sample stops the job before anything is written
+            c = BadCounter(max_bad_frac=1.0, what=f'source {src!r}')
+            loaded[src] = load_captions(src, p['n_images'], split=p['split'], counter=c, synth_size=p['synth_size'],
+                                        synth_n=p['synth_n'] if p['split'] == 'train' else None)
+            if c.counts:
+                bad[src] = dict(sorted(c.counts.items()))
+                print(f"{src}: skipped {sum(c.counts.values())} bad samples/shards (by kind): {bad[src]}", flush=True)
+        scorer = None
+        if p['scorer']: scorer = load_scorer(p['scorer'], dev)
+        elif p['scorer_steps']:
+            pretrain(dataset=p['scorer_dataset'], caption_source=p['scorer_caption_source'], model='tiny-vit',
+                     steps=p['scorer_steps'], warmup=max(1, p['scorer_steps'] // 10), synth_n=p['synth_n'],
+                     out_dir=str(out/'scorer'), device=p['device'], eval_every=p['scorer_steps'],
+                     ckpt_every=p['scorer_steps'], workers=1)
+            scorer = load_scorer(str(out/'scorer'), dev)
+        frame = pd.concat([caption_measures(caps, ims, scorer, dev) for caps, ims in loaded.values()], ignore_index=True)
+        summary = quality_summary(frame)
+        atomic_write_text(out/'params.yaml', yaml.safe_dump(p, sort_keys=False))
+        with atomic_path(out/'captions.csv') as tmp: frame.to_csv(tmp, index=False)
+        with atomic_path(out/'quality.csv') as tmp: summary.to_csv(tmp, index=False)
+        plot_quality(frame, summary, out/'quality.png')
+        res = {f'{d} | {c}': row.dropna().to_dict() for (d, c), row in quality_table(summary).iterrows()}
+        used = p['scorer'] or (str(out/'scorer') if scorer else None)
+        atomic_write_text(out/'results.json', json.dumps(dict(quality=res, scorer=used, bad_samples=bad), indent=1))
     return res
+
 
 # %% ../nbs/09b_quality.ipynb #6742b687
 TRANSFER_METRICS = {  # (stage of an experiments/*.yaml, key of its results.json) -> column
@@ -320,7 +373,9 @@ def run_source(row:pd.Series)->tuple[str, str]:
     label = get('dataset')
     for k in ('dr_root', 'data_root'):
         v = get(k)
-        if isinstance(v, str) and v and _reinforced(v) is not None: label = source_label(v)
+        try:
+            if isinstance(v, str) and v and _reinforced(v) is not None: label = source_label(v)
+        except ValueError: pass  # a folder whose reinforce.yaml cannot be used keeps the dataset's name
     cs = get('caption_source')
     return label, cs if isinstance(cs, str) and cs else 'gt'
 
@@ -387,6 +442,7 @@ def cli(argv=None)->int:
         for k in ('n_images', 'scorer_steps', 'synth_n', 'synth_size'):
             if k in params: params[k] = int(params[k])
         res = caption_quality(**params)
-    except (ValueError, FileNotFoundError) as e: print(f'qclip caption-quality: {e}', file=sys.stderr); return 2
+    except (ValueError, FileNotFoundError, BadDataError, RunLockedError) as e:  # one line, no traceback
+        print(f'qclip caption-quality: {e}', file=sys.stderr); return 2
     print(json.dumps(res, indent=1))
     return 0

@@ -9,12 +9,13 @@ from collections import Counter
 from pathlib import Path
 import numpy as np, torch, torch.nn as nn, torch.nn.functional as F, open_clip, yaml, webdataset as wds
 from .core import (progress_bar, Registry, cache_dir, check_choice, check_positive, atomic_path, atomic_write_text,
-                        seed_everything, save_checkpoint, load_checkpoint, MetricsLog)
+                        seed_everything, save_checkpoint, load_checkpoint, MetricsLog, run_lock, RunLockedError,
+                        check_out_dir, check_weights, loading_weights, clean_stale_tmp)
 from .models import CLIP_MODELS, create_clip, get_tokenizer, register_open_clip_configs, save_weights
-from .data.shards import (DATASETS, BadCounter, BadSample, IMAGE_KEYS, find_shards, read_tar, ShardStream,
-                               make_loader, dataset_spec, train_transform)
+from .data.shards import (DATASETS, BadCounter, BadSample, BadDataError, IMAGE_KEYS, find_shards, read_tar,
+                               ShardStream, make_loader, dataset_spec, train_transform, stored_path, local_path)
 from .data.augment import open_image, crop_resize, center_box, rrc_box, normalize_batch
-from .distributed import init_distributed, launch, launch_request, rank_world, barrier, dist_env
+from .distributed import rank_world, barrier, dist_env, run_job
 from .harness import run_device
 
 # %% auto #0
@@ -69,18 +70,20 @@ def create_coca(
     name:str,                      # a name in `COCA_MODELS`
     pretrained:str|Path|None=None, # local weights: .safetensors, or a state dict .pt/.bin (never a pickle with code)
     device='cpu',
+    param:str='coca_weights',      # the parameter that named `pretrained`, for a one-line error
 )->nn.Module:
     "An open_clip `CoCa` by name, randomly initialised unless `pretrained` names a local file."
     COCA_MODELS[name]
-    if pretrained and not Path(pretrained).is_file():
-        raise FileNotFoundError(f"coca_weights={str(pretrained)!r} is not a file; give a local CoCa weights file "
-                                "(no downloads)")
+    if pretrained: check_weights(pretrained, param)  # a local file of a suffix qclip reads (no downloads)
     import logging
     logging.getLogger().disabled, prev = True, logging.getLogger().disabled  # open_clip warns about random init
-    try: model = open_clip.create_model(name, pretrained=str(pretrained) if pretrained else None, device=device)
+    try:
+        with loading_weights(pretrained, param):  # a pickle carrying code: one line naming `param`, never loaded
+            model = open_clip.create_model(name, pretrained=str(pretrained) if pretrained else None, device=device)
     finally: logging.getLogger().disabled = prev
     if not pretrained: init_decoder(model.text_decoder)
     return model.eval()
+
 
 # %% ../nbs/09a_reinforce.ipynb #2b29a200
 SOT, EOT, PAD = 49406, 49407, 0  # open_clip's tokenizer: <start_of_text>, <end_of_text>; CoCa pads with 0
@@ -276,7 +279,11 @@ def parse_teachers(spec:str)->list[tuple[str, str]]:
     for part in [p.strip() for p in str(spec or '').split(',') if p.strip()]:
         name, _, w = part.partition(':')
         if Path(name).is_dir() and not w:  # a 10_pretrain run folder: its params.yaml names the model
-            d = Path(name); name, w = yaml.safe_load((d/'params.yaml').read_text())['model'], str(d/'model.safetensors')
+            d = Path(name); meta = yaml.safe_load((d/'params.yaml').read_text()) if (d/'params.yaml').is_file() else None
+            if not isinstance(meta, dict) or not isinstance(meta.get('model'), str):
+                raise ValueError(f"teachers={spec!r}: {str(d/'params.yaml')!r} names no model (key 'model'): "
+                                 "not a 10_pretrain output folder")
+            name, w = meta['model'], str(d/'model.safetensors')
         if not w: raise ValueError(f"teachers={spec!r}: {part!r} names no weights; expected model:/path/to/weights "
                                    "(teachers must be trained)")
         if name not in CLIP_MODELS and name not in open_clip.list_models():
@@ -289,10 +296,14 @@ def parse_teachers(spec:str)->list[tuple[str, str]]:
 
 # %% ../nbs/09a_reinforce.ipynb #3fae401d
 def load_teacher(name:str, weights:str, device='cpu')->tuple[nn.Module, object]:
-    "A CLIP teacher (eval mode) and its tokenizer, from local weights."
-    if name in CLIP_MODELS: model, tok = create_clip(name, pretrained=weights), get_tokenizer(name)
-    else: model, tok = open_clip.create_model(name, pretrained=weights), open_clip.get_tokenizer(name)
+    "A CLIP teacher (eval mode) and its tokenizer, from local weights (a refused file names `teachers`)."
+    if name in CLIP_MODELS: model, tok = create_clip(name, pretrained=weights, param='teachers'), get_tokenizer(name)
+    else:
+        check_weights(weights, 'teachers')
+        with loading_weights(weights, 'teachers'): model = open_clip.create_model(name, pretrained=weights)
+        tok = open_clip.get_tokenizer(name)
     return model.to(device).eval(), tok
+
 
 # %% ../nbs/09a_reinforce.ipynb #f0e2787d
 def teacher_layout(embs:list[torch.Tensor], slot:int=TEACHER_SLOT, slots:int=TEACHER_SLOTS)->torch.Tensor:
@@ -372,7 +383,7 @@ def train_coca(**params)->dict:
     opt = torch.optim.AdamW(param_groups(model, p['weight_decay']), lr=p['lr'], betas=(0.9, 0.98), eps=1e-6)
     loss_fn = CoCaLoss(caption_loss_weight=p['caption_loss_weight'], clip_loss_weight=p['clip_loss_weight'], pad_id=PAD)
     log, ck, step = MetricsLog(out/'metrics.jsonl'), out/'checkpoint.pt', 0
-    if ck.exists() and (c := load_checkpoint(ck))['params'] == p:
+    if ck.exists() and (c := load_checkpoint(ck, param=f"out_dir={str(out)!r} (resume)"))['params'] == p:
         model.load_state_dict(c['model']); opt.load_state_dict(c['optimizer']); step = c['step']; log.truncate(step)
     elif log.path.exists(): log.path.unlink()
     atomic_write_text(out/'params.yaml', yaml.safe_dump(p, sort_keys=False))
@@ -447,6 +458,7 @@ def check_reinforce_params(**params)->dict:
     if unknown: raise ValueError(f"unknown parameter(s) {sorted(unknown)}; accepted: {', '.join(REINFORCE_DEFAULTS)}")
     p = {**REINFORCE_DEFAULTS, **params}
     for k in ['data_root', 'coca_weights', 'teachers', 'out_dir', 'splits']: p[k] = str(p[k] or '')
+    check_out_dir(p['out_dir'])
     DATASETS[p['dataset']]; COCA_MODELS[p['coca']]; DATASETS[p['coca_train_dataset']]
     for s in p['splits'].split(','): check_choice('splits', s, ['train', 'val'])
     check_choice('decoding', p['decoding'], DECODINGS); check_choice('precision', p['precision'], ['fp32', 'bf16'])
@@ -466,8 +478,7 @@ def check_reinforce_params(**params)->dict:
     if p['teachers'] and not p['n_aug']:
         raise ValueError(f"teachers={p['teachers']!r} needs n_aug >= 1 (stored augmentations to embed)")
     parse_teachers(p['teachers'])
-    if p['coca_weights'] and not Path(p['coca_weights']).is_file():
-        raise FileNotFoundError(f"coca_weights={p['coca_weights']!r} is not a file; give a local CoCa weights file")
+    if p['coca_weights']: check_weights(p['coca_weights'], 'coca_weights')
     if not 0 < p['max_bad_frac'] <= 1:
         raise ValueError(f"max_bad_frac={p['max_bad_frac']!r} is not valid; expected a number in (0, 1]")
     return p
@@ -493,7 +504,9 @@ class Captioner:
     "A CoCa, its decoding options and the CLIP teachers: turns a batch of decoded samples into side-car records."
     def __init__(self, p:dict, device):
         self.p, self.dev = p, torch.device(device)
-        self.model = create_coca(p['coca'], p['coca_weights'] or None).to(self.dev)
+        with torch.random.fork_rng(devices=[]):  # a random-init CoCa is drawn from the job's seed, not the process's
+            torch.manual_seed(p['seed'])      # state: same seed, same model, also when a killed job resumes
+            self.model = create_coca(p['coca'], p['coca_weights'] or None).to(self.dev)
         size = self.model.visual.image_size
         self.size = size[0] if isinstance(size, (tuple, list)) else size
         self.teachers = [load_teacher(n, w, self.dev) for n, w in parse_teachers(p['teachers'])]
@@ -558,6 +571,9 @@ def reinforce_shard(
                 if len(batch) == p['batch_size']: flush()
                 _kill_hook(name, written)
             if batch: flush()
+        if not written and counter.counts:  # every read or sample failed: nothing to commit, not done
+            kind = 'shard' if 'shard' in counter.counts else max(counter.counts, key=counter.counts.get)
+            raise BadSample(kind, f"{url}: nothing usable ({dict(counter.counts)}; e.g. {counter.examples[kind]})")
         stats = dict(shard=name, source=url, images=n, written=written, successes=written, bad=dict(counter.counts),
                      seconds=round(time.perf_counter() - t0, 3), finished=time.time())
         atomic_write_text(out_path.with_name(out_path.stem + '_stats.json'), json.dumps(stats))
@@ -583,21 +599,39 @@ def reinforce_tasks(p:dict)->list[tuple[str, str, Path]]:
 def reinforce(**params)->dict:
     "Caption (and embed) a dataset's images with a CoCa into DataCompDR-layout side-car shards; resumable, parallel."
     p = check_reinforce_params(**params)
-    if p['coca_train_steps'] and not p['coca_weights']:  # train the captioner first, in this one process
-        if dist_env()['world_size'] > 1:
-            raise ValueError('coca_train_steps > 0 inside a multi-process job: train the CoCa in one process first '
-                             '(train_coca) and pass coca_weights, or use qclip launch')
-        p['coca_weights'] = train_coca(model=p['coca'], dataset=p['coca_train_dataset'], steps=p['coca_train_steps'],
-                                       seed=p['seed'], synth_size=p['synth_size'], device=p['device'],
-                                       out_dir=str(Path(p['out_dir'])/'coca'))['weights']
-    if (req := launch_request()) is not None:
-        print(f"launching {req.get('nnodes', 1)} node(s) x {req['nproc_per_node']} processes; every rank's log in "
-              f"{p['out_dir']}/logs", flush=True)
-        return launch(reinforce, p, log_dir=Path(p['out_dir'])/'logs', **req)
-    created = init_distributed()
-    try: return _reinforce(p)
-    finally:
-        if created and torch.distributed.is_initialized(): torch.distributed.destroy_process_group()
+    with run_lock(p['out_dir']):  # one job per out_dir, the CoCa training included; ranks inherit the lock
+        if p['coca_train_steps'] and not p['coca_weights']:  # train the captioner first, in this one process
+            if dist_env()['world_size'] > 1:
+                raise ValueError('coca_train_steps > 0 inside a multi-process job: train the CoCa in one process first '
+                                 '(train_coca) and pass coca_weights, or use qclip launch')
+            p['coca_weights'] = train_coca(model=p['coca'], dataset=p['coca_train_dataset'], steps=p['coca_train_steps'],
+                                           seed=p['seed'], synth_size=p['synth_size'], device=p['device'],
+                                           out_dir=str(Path(p['out_dir'])/'coca'))['weights']
+        return run_job(reinforce, p, _reinforce)
+
+def _sidecars(out:Path)->list[Path]:
+    "The side-car shards already in `out` (any split)."
+    return sorted(q for s in ('train', 'val') for q in (out/s).glob('*.tar'))
+
+def _check_saved(out:Path, keep:dict, rank:int):
+    "Refuse an out_dir whose side-cars were made with other parameters; (re)write reinforce.yaml while it holds none."
+    f = out/'reinforce.yaml'
+    if f.exists() and _sidecars(out):
+        try: old = yaml.safe_load(f.read_text())
+        except yaml.YAMLError as e: old = e
+        if not isinstance(old, dict):
+            raise ValueError(f"{str(f)!r} is not a mapping of parameters; out_dir={str(out)!r} holds side-cars it "
+                             "should describe: use another out_dir or delete it")
+        changed = {k: (old.get(k), v) for k, v in keep.items() if old.get(k) != v}
+        if changed: raise ValueError(f"out_dir={str(out)!r} holds side-cars made with other parameters {changed} "
+                                     "(saved, now); use another out_dir or delete it")
+    elif rank == 0: atomic_write_text(f, yaml.safe_dump(keep, sort_keys=False))
+
+def _gather(d:dict)->dict:
+    "Every rank's `d`, merged (a collective when distributed)."
+    if rank_world()[1] == 1: return d
+    out = [None] * rank_world()[1]; torch.distributed.all_gather_object(out, d)
+    return {k: v for x in out for k, v in x.items()}
 
 def _reinforce(p:dict)->dict:
     rank, world = rank_world()
@@ -605,31 +639,38 @@ def _reinforce(p:dict)->dict:
     if dev.type == 'cuda' and world > 1: dev = torch.device('cuda', torch.cuda.current_device())
     out, t0, started = Path(p['out_dir']), time.perf_counter(), time.time()
     out.mkdir(parents=True, exist_ok=True)
-    keep = {k: v for k, v in p.items() if k not in _NOT_OUTPUT}
-    if (out/'reinforce.yaml').exists():
-        old = yaml.safe_load((out/'reinforce.yaml').read_text()) or {}
-        changed = {k: (old.get(k), v) for k, v in keep.items() if old.get(k) != v}
-        if changed: raise ValueError(f"out_dir={str(out)!r} holds side-cars made with other parameters {changed} "
-                                     "(saved, now); use another out_dir or delete it")
-    elif rank == 0: atomic_write_text(out/'reinforce.yaml', yaml.safe_dump(keep, sort_keys=False))
+    _check_saved(out, {k: v for k, v in p.items() if k not in _NOT_OUTPUT}, rank)
+    if rank == 0:  # under the run lock: a temporary file in a split folder is a killed job's
+        for s in ('train', 'val'): (out/s).is_dir() and clean_stale_tmp(out/s)
     tasks = reinforce_tasks(p)
+    tried = sum(not t[2].exists() for t in tasks)
+    barrier()  # nobody writes before the check and the clean-up are done
     todo = [t for t in tasks[rank::world] if not t[2].exists()]
     if rank == 0:
-        w = 'from ' + p['coca_weights'] if p['coca_weights'] else 'at RANDOM INIT (noise captions)'
-        print(f"{len(tasks)} shards ({sum(t[2].exists() for t in tasks)} already done), {world} "
+        w = 'from ' + p['coca_weights'] if p['coca_weights'] else f"at RANDOM INIT (seed {p['seed']}; noise captions)"
+        print(f"{len(tasks)} shards ({len(tasks) - tried} already done), {world} "
               f"process{'es' if world > 1 else ''}; {p['coca']} {w}, {p['n_captions']} captions/image by "
               f"{p['decoding']}", flush=True)
+    failed = {}
     if todo:
         cap = Captioner(p, dev)
         bar = progress_bar(desc=f'reinforce rank {rank}' if world > 1 else 'reinforce', unit='img', disable=rank != 0,
                    mininterval=2, file=sys.stdout)
-        for _, url, path in todo: reinforce_shard(url, path, cap, bar)
+        for split, url, path in todo:
+            try: reinforce_shard(url, path, cap, bar)
+            except (BadSample, BadDataError) as e: failed[f'{split}/{path.name}'] = str(e)  # not written: not done
         bar.close()
+    failed = _gather(failed)
+    if failed and (len(failed) == tried or len(failed) > p['max_bad_frac'] * tried):
+        if rank == 0 and not _sidecars(out): (out/'reinforce.yaml').unlink(missing_ok=True)  # nothing it describes
+        ex = next(iter(sorted(failed.items())))
+        raise BadDataError(f"{len(failed)} of the {tried} shards to reinforce yielded nothing usable and were not "
+                           f"written (more than max_bad_frac={p['max_bad_frac']}); e.g. {ex[0]}: {ex[1]}")
     barrier()
     summary = {}
     if rank == 0:
         stats = [json.loads(t[2].with_name(t[2].stem + '_stats.json').read_text()) for t in tasks
-                 if t[2].with_name(t[2].stem + '_stats.json').exists()]
+                 if t[2].exists() and t[2].with_name(t[2].stem + '_stats.json').exists()]
         bad, now = Counter(), [s for s in stats if s['finished'] >= started]
         for s in stats: bad.update(s['bad'])
         secs = time.perf_counter() - t0
@@ -638,37 +679,66 @@ def _reinforce(p:dict)->dict:
                        written=written, captions=written * p['n_captions'],
                        bad_samples=dict(sorted(bad.items())), world_size=world, shards_this_run=len(now),
                        images_per_s=round(sum(s['images'] for s in now) / secs, 2) if now else None,
-                       coca=p['coca'], coca_weights=p['coca_weights'], random_init=not p['coca_weights'])
+                       coca=p['coca'], coca_weights=p['coca_weights'], random_init=not p['coca_weights'],
+                       failed_shards=sorted(failed))
         if bad: print(f"skipped {sum(bad.values())} bad samples/shards (by kind): {dict(sorted(bad.items()))}",
                       flush=True)
+        if failed: print(f"{len(failed)} shards yielded nothing usable and were not written (a rerun retries them): "
+                         + '; '.join(f'{k}: {v}' for k, v in sorted(failed.items())[:3]), flush=True)
         atomic_write_text(out/'results.json', json.dumps(summary, indent=1))
     barrier()
     return summary
 
+
 # %% ../nbs/09a_reinforce.ipynb #7db6380a
-def examples(out_dir, k:int=8, split:str='train')->list[dict]:
+def _stats(f:Path)->dict:
+    "A side-car's `<shard>_stats.json`, or one line naming it."
+    try: st = json.loads(f.read_text())
+    except (ValueError, UnicodeDecodeError) as e: raise ValueError(f"{str(f)!r} is not valid JSON ({e})") from None
+    if not isinstance(st, dict): raise ValueError(f"{str(f)!r} is not a qclip reinforce stats file (a JSON object)")
+    return st
+
+def examples(
+    out_dir,                 # a `reinforce` output folder
+    k:int=8,                 # how many samples
+    split:str='train',
+    params:dict|None=None,   # this job's parameters: the image shards their data_root names (else the stats' source)
+)->list[dict]:
     "The first `k` reinforced samples of `out_dir`: image bytes, ground-truth and synthetic captions (joined by uid)."
     out = Path(out_dir)
     stats = sorted((out/split).glob('*_stats.json'))
     if not stats: raise FileNotFoundError(f"{str(out/split)!r} holds no finished side-car shard (*_stats.json)")
-    st = json.loads(stats[0].read_text()); c = BadCounter()
-    side = {sample_uid(s): s for s in read_tar(str(stats[0].with_name(st['shard'])), c)}
+    f = stats[0]; st, c = _stats(f), BadCounter()
+    name = st.get('shard')
+    if not isinstance(name, str) or Path(name).name != name or not (f.parent/name).is_file():
+        raise ValueError(f"{str(f)!r}: shard={name!r} is not the name of a side-car shard beside it")
+    side = list(read_tar(local_path(f.parent/name), c))
+    if side and any(x in side[0] for x in IMAGE_KEYS): pairs = [(s, s) for s in side]  # written with write_images
+    else:
+        if params is not None:
+            src = next((u for s, u, q in reinforce_tasks(params) if s == split and q.name == name), None)
+            if src is None: raise ValueError(f"{name}: the parameters given name no {split} image shard of that name")
+        else:
+            src = stored_path(st.get('source'), f, 'source')
+            if not src: raise ValueError(f"{str(f)!r}: source={st.get('source')!r} names no image shard")
+        by_uid = {sample_uid(s): s for s in side}
+        pairs = [(s, by_uid.get(sample_uid(s))) for s in read_tar(src, c)]
     rows = []
-    for s in read_tar(st['source'], c):
-        r = side.get(sample_uid(s))
+    for s, r in pairs:
         key = next((x for x in IMAGE_KEYS if x in s), None)
         if r is None or key is None: continue
-        rows.append(dict(uid=sample_uid(s), image=s[key], gt=s.get('txt', b'').decode('utf-8', 'replace'),
+        rows.append(dict(uid=sample_uid(s), image=s[key], gt=bytes(s.get('txt', b'')).decode('utf-8', 'replace'),
                          syn=json.loads(r['syn.json'])['syn_text']))
         if len(rows) == k: break
     return rows
 
+
 # %% ../nbs/09a_reinforce.ipynb #2d721c57
-def plot_examples(out_dir, path=None, k:int=8, split:str='train'):
+def plot_examples(out_dir, path=None, k:int=8, split:str='train', params:dict|None=None):
     "Images with their ground-truth and first synthetic caption (a matplotlib figure, saved to `path` if given)."
     import matplotlib; matplotlib.use('Agg')
     import matplotlib.pyplot as plt, textwrap
-    rows = examples(out_dir, k, split)
+    rows = examples(out_dir, k, split, params)
     fig, axs = plt.subplots(1, len(rows), figsize=(2.6 * len(rows), 3.6), squeeze=False)
     for ax, r in zip(axs[0], rows):
         ax.imshow(open_image(r['image']).convert('RGB')); ax.axis('off')
@@ -702,7 +772,8 @@ def cli(argv=None)->int:
     old = os.environ.get(LAUNCH_ENV['nproc_per_node'])
     if a.nproc_per_node > 1: os.environ[LAUNCH_ENV['nproc_per_node']] = str(a.nproc_per_node)
     try: summary = reinforce(**params)
-    except (ValueError, FileNotFoundError) as e: print(f'qclip reinforce: {e}', file=sys.stderr); return 2
+    except (ValueError, FileNotFoundError, BadDataError, RunLockedError) as e:  # one line, no traceback
+        print(f'qclip reinforce: {e}', file=sys.stderr); return 2
     finally:
         if old is None: os.environ.pop(LAUNCH_ENV['nproc_per_node'], None)
         else: os.environ[LAUNCH_ENV['nproc_per_node']] = old

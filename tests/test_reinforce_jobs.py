@@ -3,6 +3,7 @@
 import json
 from pathlib import Path
 import papermill as pm, pytest
+from papermill.exceptions import PapermillExecutionError
 from qclip.quality import cli as quality_cli, load_quality, quality_table
 from qclip.reinforce import cli as reinforce_cli
 
@@ -43,3 +44,14 @@ def test_command_functions(reinforced, tmp_path, capsys):
     assert quality_cli(['--sources', 'synth-align', '--reinforced', str(tmp_path/'r'), '--n-images', '8', '--synth-n', '16',
                         '--scorer-steps', '0', '--device', 'cpu', '--out-dir', str(tmp_path/'q')]) == 0
     assert 'synth-align + tiny-coca | syn' in capsys.readouterr().out
+
+
+@pytest.mark.parametrize('notebook,typo,close', [('40_reinforce', 'n_caption', 'n_captions'),
+                                                 ('41_caption_quality', 'n_image', 'n_images')])
+def test_misspelled_parameter_fails_before_any_work(tmp_path, notebook, typo, close):
+    "papermill -p n_caption 1 must not run with the defaults: the job stops, naming the closest parameter."
+    with pytest.raises(PapermillExecutionError) as e:
+        pm.execute_notebook(str(NBS/f'{notebook}.ipynb'), str(tmp_path/'out.ipynb'), kernel_name='python3',
+                            progress_bar=False, parameters={typo: 1, 'device': 'cpu', 'out_dir': str(tmp_path/'run')})
+    assert f"unknown parameter(s) '{typo}' (did you mean '{close}'?)" in e.value.evalue, e.value.evalue
+    assert not (tmp_path/'run').exists()

@@ -9,18 +9,19 @@ from collections import Counter
 from dataclasses import dataclass, replace
 from itertools import accumulate, islice
 from pathlib import Path
+from urllib.parse import urlparse
 import braceexpand, numpy as np, torch, webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset
 from webdataset.tariterators import base_plus_ext
-from ..core import Registry, check_choice, check_positive
+from ..core import Registry, check_choice, check_positive, loading_weights
 from .augment import CropTransform, normalize_batch, param_augs, paug_box
 
 # %% auto #0
 __all__ = ['CAPTION_SOURCES', 'IMAGE_KEYS', 'EMB_KEYS', 'DATASETS', 'BAD_KINDS', 'DatasetSpec', 'dataset_spec',
-           'check_caption_source', 'data_root_of', 'find_sources', 'find_shards', 'shard_weights', 'count_samples',
-           'subset_shards', 'BadSample', 'BadDataError', 'bad_id', 'BadCounter', 'tar_members', 'read_tar', 'join_dr',
-           'pair_dr_shards', 'captions_of', 'teacher_embeddings', 'ShardStream', 'make_loader', 'train_transform',
-           'eval_transform', 'device_batches']
+           'check_caption_source', 'local_path', 'stored_path', 'data_root_of', 'find_sources', 'find_shards',
+           'shard_weights', 'count_samples', 'subset_shards', 'BadSample', 'BadDataError', 'bad_id', 'BadCounter',
+           'tar_members', 'read_tar', 'join_dr', 'pair_dr_shards', 'captions_of', 'teacher_embeddings', 'ShardStream',
+           'make_loader', 'train_transform', 'eval_transform', 'device_batches']
 
 # %% ../../nbs/02_data.shards.ipynb #cad48931
 CAPTION_SOURCES = ('gt', 'syn', 'gt+syn')
@@ -82,6 +83,32 @@ def check_caption_source(dataset:str, caption_source:str, syn_key:str|None=None)
 def _is_url(part:str)->bool:
     return '{' in part or (':' in part and not Path(part).exists())
 
+# %% ../../nbs/02_data.shards.ipynb #ea6c9290
+def local_path(p)->str:
+    "A local file's path as text that webdataset's `gopen` opens as a file, never as a URL ('pipe:x.tar' -> './pipe:x.tar')."
+    s = str(p)
+    return s if s != '-' and urlparse(s).scheme == '' else os.path.join('.', s)
+
+
+# %% ../../nbs/02_data.shards.ipynb #6b9bfbe5
+def stored_path(
+    value,    # a data_root, shard or folder path read from a file
+    file,     # the file it was read from
+    key:str,  # its key there
+)->str:       # `value`, unchanged: '' or local paths (folders, tars, brace patterns, '::'-joined sources)
+    "A path read from a data or state file: local paths pass; a URL (`pipe:`, `https:`, ...) is refused in one line."
+    if value is None or value == '': return ''
+    bad = not isinstance(value, str)
+    for part in ([] if bad else value.split('::')):
+        for s in braceexpand.braceexpand(part):
+            if s == '-' or urlparse(s).scheme: bad = True; break
+    if bad:
+        raise ValueError(f"{str(file)!r}: {key}={value!r} was refused: a path read from a file is opened only as a local "
+                         "file, and this one is not (a URL such as pipe: would run a command or fetch from the "
+                         "network); give a local path there")
+    return value
+
+
 # %% ../../nbs/02_data.shards.ipynb #baffb88c
 def data_root_of(dataset:str, data_root:str|None=None)->str:
     "The `data_root` parameter, else `$QCLIP_DATA/<dataset>`."
@@ -93,9 +120,9 @@ def data_root_of(dataset:str, data_root:str|None=None)->str:
 def _source_shards(part:str, split:str)->list[str]:
     if _is_url(part): return list(braceexpand.braceexpand(part)) if split == 'train' else []
     r = Path(part)
-    if r.is_file() and r.suffix == '.tar': return [str(r)] if split == 'train' else []
-    if r.is_dir():
-        return [str(s) for s in (sorted(r.glob(f'{split}/*.tar'))
+    if r.is_file() and r.suffix == '.tar': return [local_path(r)] if split == 'train' else []
+    if r.is_dir():  # file names found on disk are data: opened as files whatever they look like
+        return [local_path(s) for s in (sorted(r.glob(f'{split}/*.tar'))
                                  or (sorted(r.glob('*.tar')) if split == 'train' else []))]
     return []
 
@@ -392,7 +419,8 @@ def teacher_embeddings(sample:dict)->tuple[np.ndarray, np.ndarray]:
         if key == 'npz':
             with np.load(io.BytesIO(sample[key]), allow_pickle=False) as z: im, tx = z['image_emb'], z['text_emb']
         else:
-            d = torch.load(io.BytesIO(gzip.decompress(sample[key])), weights_only=True, map_location='cpu')
+            with loading_weights(f"sample {sample.get('__key__', '')!r}", key):
+                d = torch.load(io.BytesIO(gzip.decompress(sample[key])), weights_only=True, map_location='cpu')
             im, tx = (d[k].float().numpy() if torch.is_tensor(d[k]) else np.asarray(d[k])
                       for k in ('image_emb', 'text_emb'))
     except Exception as e: raise BadSample('malformed', f'{key}: {e!r}')
