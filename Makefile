@@ -26,7 +26,7 @@ help:
 $(STAMP): setup.py settings.ini
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q -U pip 'setuptools<81' wheel
-	$(BIN)/pip install -q -e '.[dev,reinforce]'
+	$(BIN)/pip install -q -e '.[dev,reinforce,tracking]'
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -4,7 +4,7 @@
 
 # %% ../nbs/05c_tracking.ipynb #b1ff3f83
 from __future__ import annotations
-import contextlib, functools, importlib.util, inspect, json, os, re, secrets, struct, sys
+import contextlib, functools, importlib.util, inspect, json, os, re, secrets, struct, sys, textwrap
 from pathlib import Path
 import yaml
 from .core import atomic_write_text
@@ -71,6 +71,12 @@ def hparams_of(params:dict)->dict:
     return {k: v if isinstance(v, (bool, int, float, str)) else json.dumps(v, default=str)
             for k, v in params.items()}
 
+def _tb_params(writer, params:dict):
+    "`params` into a TensorBoard log: the HParams session (its hparams) and the params.yaml text."
+    from torch.utils.tensorboard.summary import hparams
+    writer.file_writer.add_summary(hparams(hparams_of(params), {})[1])
+    writer.add_text('params.yaml', textwrap.indent(yaml.safe_dump(params, sort_keys=False), '    '))
+
 # %% ../nbs/05c_tracking.ipynb #e16cc5a0
 def _kinds(report_to)->list[str]:
     kinds = [s for s in str(report_to or '').split(',') if s and s != 'none']
@@ -91,15 +97,11 @@ class Tracker:
         self.kinds, self.out, self.tb, self.wb = _kinds(report_to), Path(out_dir), None, None
         if 'tensorboard' in self.kinds:
             from torch.utils.tensorboard import SummaryWriter
-            from torch.utils.tensorboard.summary import hparams
             d = self.out/'tensorboard'
             if start is None:  # a fresh start: an earlier run's events go, as its metrics.jsonl does
                 for f in d.glob('events.out.tfevents.*'): f.unlink()
             self.tb = SummaryWriter(str(d), purge_step=None if start is None else start + 1)
-            if start is None:
-                self.tb.file_writer.add_summary(hparams(hparams_of(params), {})[1])  # the session: its hparams
-                self.tb.add_text('params.yaml', '    ' + yaml.safe_dump(params, sort_keys=False).replace('\n', '\n    '))
-                self.tb.flush()
+            if start is None: _tb_params(self.tb, params); self.tb.flush()
         if 'wandb' in self.kinds:
             import wandb
             self.wb = wandb.init(**_wandb_init(self.out, params, start is None, *run_names(self.out)))
@@ -175,13 +177,9 @@ def register_mm_backends():
             super().__init__(save_dir); self._purge_step, self._params = purge_step, params
         def _init_env(self):
             from torch.utils.tensorboard import SummaryWriter
-            from torch.utils.tensorboard.summary import hparams
             os.makedirs(self._save_dir, exist_ok=True)
             self._tensorboard = SummaryWriter(self._save_dir, purge_step=self._purge_step)
-            if self._params is not None:
-                self._tensorboard.file_writer.add_summary(hparams(hparams_of(self._params), {})[1])
-                self._tensorboard.add_text('params.yaml', '    ' + yaml.safe_dump(self._params, sort_keys=False)
-                                           .replace('\n', '\n    '))
+            if self._params is not None: _tb_params(self._tensorboard, self._params)
         @force_init_env
         def add_config(self, config, **kwargs): pass  # the parameters went in once, at the start
         @force_init_env
@@ -211,6 +209,7 @@ def mm_vis_backends(
     if not kinds: return []
     register_mm_backends()
     from qclip.distributed import rank_world
+    params = json.loads(json.dumps(params, default=str))  # plain YAML/JSON values (tuples as lists) in config.py
     wd, last = Path(work_dir).absolute(), Path(work_dir)/'last_checkpoint'
     ck = re.search(r'iter_(\d+)\.pth', last.read_text()) if resume and last.is_file() else None
     start = int(ck.group(1)) if ck else None
