@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The job-speed figures on one GPU, in one run of about 7 minutes: experiments/bench_job.py for eager:256 and
-# compile:512 x gt and gt+syn (qclip's job, its bare step, and open_clip_train on the same shards, gt), after a check that the CUDA path of
-# qclip.data.shards.device_batches gives the CPU's batches bit for bit.
+# compile:512 x gt and gt+syn (qclip's job, its bare step, and open_clip_train on the same shards, gt), after a check
+# that the CUDA path of qclip.data.shards.device_batches gives the CPU's batches bit for bit.
 #
 # Needs torch with CUDA; qclip's pure-Python dependencies (open_clip_torch, timm, webdataset 1.0.2 and 0.2.86 for
 # open_clip_train, braceexpand, fastcore, ftfy, wcwidth) are installed from wheels in .whl/:
