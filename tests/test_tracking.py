@@ -32,9 +32,20 @@ def assert_tensorboard_is(log_dir, rows, step='step'):
         assert [s for s, _ in got[k]] == [s for s, _ in pts], (k, got[k], pts)  # no step missing or duplicated
         assert [v for _, v in got[k]] == pytest.approx([v for _, v in pts], rel=1e-6, abs=1e-12, nan_ok=True), k
 
+def _wandb_written(out_dir, timeout=60):
+    "Wait for W&B's service to write out the last run's file (`finish` returns before it has, now and then)."
+    from qclip.tracking import wandb_records
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        files = sorted(Path(out_dir).glob('wandb/*run-*/run-*.wandb'), key=os.path.getmtime)
+        if files and any(r.WhichOneof('record_type') == 'exit' for r in wandb_records(files[-1])): return
+        time.sleep(0.2)
+    raise TimeoutError(f'no finished W&B run under {out_dir}/wandb after {timeout} s')
+
 def assert_wandb_is(out_dir, rows, runs=1, step='step', since=None):
     """The W&B runs under `out_dir`: `runs` of one id, each history row equal to the `rows` row of its step (the last);
     every step there, or (a killed offline run may lose its last second) every step from `since` on."""
+    _wandb_written(out_dir)
     wb = read_wandb(out_dir)
     assert len(wb) == runs and len({r['id'] for r in wb}) == 1, [(r['id'], r['name']) for r in wb]
     hist, by_step = [h for r in wb for h in r['history']], {r[step]: r for r in rows}
@@ -94,7 +105,7 @@ def test_sigkill_then_resume_continues_the_same_curves(tmp_path):
     assert [r['step'] for r in rows] == [2, 4, 6, 8, 10, 12]
     assert len(_event_files(out/'tensorboard')) == 2  # the resumed run appends a file to the same run
     assert_tensorboard_is(out/'tensorboard', rows)  # step 6 once: the resumed run's (its samples/s differ)
-    wb = read_wandb(out)  # the killed run's file holds what W&B's service had written by then (once a second)
+    _wandb_written(out); wb = read_wandb(out)  # the killed run's file: what W&B's service had written by then
     assert_wandb_is(out, rows, runs=len(wb), since=6)
     assert len(wb) in (1, 2) and wb[-1]['config'].get('model') is None  # the resumed run: its parameters were logged once
 
@@ -154,7 +165,7 @@ def test_dense_job_reports_through_mmengine(tmp_path):
     assert [r['iter'] for r in second if 'loss' in r] == [3, 4]
     shown = [r for r in first if r['step'] <= 2] + second
     assert_tensorboard_is(wd/'tensorboard', shown)  # the first run's iterations 3-4 purged
-    wb = read_wandb(wd)
+    _wandb_written(wd); wb = read_wandb(wd)
     assert len(wb) == 2 and len({r['id'] for r in wb}) == 1 and wb[0]['name'] == 'seg'
     train = {h['iter']: h for r in wb for h in r['history'] if 'loss' in h}  # by iteration, the later run last
     want = {r['iter']: _numbers(r) for r in shown if 'loss' in r}
