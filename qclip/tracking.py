@@ -74,6 +74,7 @@ def hparams_of(params:dict)->dict:
 def _tb_params(writer, params:dict):
     "`params` into a TensorBoard log: the HParams session (its hparams) and the params.yaml text."
     from torch.utils.tensorboard.summary import hparams
+    params = json.loads(json.dumps(params, default=str))  # plain values (an mm config's ConfigDict is YAML-unsafe)
     writer.file_writer.add_summary(hparams(hparams_of(params), {})[1])
     writer.add_text('params.yaml', textwrap.indent(yaml.safe_dump(params, sort_keys=False), '    '))
 
@@ -193,6 +194,8 @@ def register_mm_backends():
 
     class QCLIPWandbVisBackend(WandbVisBackend):
         "mmengine's W&B backend with the job's parameters as config (no `log_code` of the working folder)."
+        def __init__(self, save_dir:str, init_kwargs:dict|None=None, **kwargs):  # plain dicts, not ConfigDicts, to W&B
+            super().__init__(save_dir, json.loads(json.dumps(init_kwargs)) if init_kwargs else init_kwargs, **kwargs)
         @force_init_env
         def add_config(self, config, **kwargs): pass
 
