@@ -19,9 +19,13 @@ def marks()->list:
     "A browser test's marks: `browser`, and skipped where chromium is missing unless QCLIP_REQUIRE_BROWSER=1."
     return [pytest.mark.browser] + ([pytest.mark.skipif(bool(MISSING), reason=WHY)] if not REQUIRED else [])
 
+def require():
+    "Fail (a test that got past `marks()`, so QCLIP_REQUIRE_BROWSER=1) when chromium, its driver or selenium is missing."
+    if MISSING: pytest.fail(f'QCLIP_REQUIRE_BROWSER=1, but the browser test {WHY}', pytrace=False)
+
 def chromium(tmp_path, width:int=1400, height:int=1000):
-    "A headless chromium with a fresh profile in `tmp_path`; fails (not skips) when QCLIP_REQUIRE_BROWSER=1 and it is missing."
-    if MISSING: pytest.fail(f'QCLIP_REQUIRE_BROWSER=1 but this machine lacks it: {WHY}')
+    "A headless chromium with a fresh profile in `tmp_path` (`require`d first)."
+    require()
     opts = webdriver.ChromeOptions()
     opts.binary_location = CHROMIUM
     for a in (*FLAGS, f'--window-size={width},{height}', f'--user-data-dir={tmp_path/"chromium-profile"}'): opts.add_argument(a)

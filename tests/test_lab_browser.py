@@ -6,7 +6,7 @@ QCLIP_REQUIRE_BROWSER=1, which CI sets); `pytest -m "not browser"` leaves it out
 import json, os, re, secrets, shutil, signal, socket, subprocess, sys, time, urllib.request
 from pathlib import Path
 import psutil, pytest
-from _browser import REQUIRED, WHY, chromium, marks
+from _browser import REQUIRED, WHY, chromium, marks, require
 
 NB = Path(__file__).parents[1]/'nbs'/'10_pretrain.ipynb'
 pytestmark = marks()
@@ -88,6 +88,7 @@ def _stop_lab(proc, base, token):
         except psutil.Error: pass
 
 def test_pretrain_notebook_runs_in_jupyterlab(tmp_path):
+    require()
     root = tmp_path/'nbs'; root.mkdir()
     shutil.copy(NB, root/NB.name)  # the repo's notebook is left as it is
     shots = Path(os.environ.get('QCLIP_SCREENSHOTS') or tmp_path/'screenshots'); shots.mkdir(parents=True, exist_ok=True)

@@ -5,7 +5,7 @@ parameters: the cells above are the library's own tests) goes to $QCLIP_SCREENSH
 import json, os, subprocess, sys
 from pathlib import Path
 import papermill as pm, pytest, yaml
-from _browser import chromium, marks
+from _browser import chromium, marks, require
 
 ROOT = Path(__file__).parents[1]
 pytestmark = marks()
@@ -32,6 +32,7 @@ def _finished_runs(root:Path):
                                               depth_rmse=1.5 - gain / 50, box_AP=2. + gain / 10 + s / 5), pre)
 
 def test_results_page_renders_its_figures(tmp_path):
+    require()
     runs, out = tmp_path/'runs', tmp_path/'results'
     _finished_runs(runs)
     page = tmp_path/'50_results.ipynb'
