@@ -26,7 +26,7 @@ help:
 $(STAMP): setup.py settings.ini
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q -U pip 'setuptools<81' wheel
-	$(BIN)/pip install -q -e '.[dev,reinforce]'
+	$(BIN)/pip install -q -e '.[dev,reinforce,tracking]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -76,7 +76,8 @@ lab: $(STAMP)
 	$(BIN)/python -m ipykernel install --sys-prefix --name qclip --display-name "qclip (.venv)"
 	$(BIN)/jupyter lab --notebook-dir nbs $(if $(filter 0,$(shell id -u)),--allow-root) $(LAB_ARGS)
 
-# JupyterLab as a person tries it (needs Debian's chromium and chromium-driver; skipped without them, also in make pytest):
+# JupyterLab as a person tries it (needs Debian's chromium and chromium-driver; skipped without them, also in make pytest,
+# unless QCLIP_REQUIRE_BROWSER=1, as .ci/run sets):
 # tiny parameters typed below the parameters cell, Run > Run All Cells, widget progress bar and plot checked and screenshotted
 lab-test: $(STAMP)
 	QCLIP_SCREENSHOTS=$(abspath $(RUNS))/screenshots $(BIN)/python -m pytest -q -s -rs tests/test_lab_browser.py

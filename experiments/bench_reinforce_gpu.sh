@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# GPU reinforcement throughput (the reinforce issue's benchmark): open_clip's coca_ViT-B-32 and coca_ViT-L-14 at random
-# init (no weights can be downloaded), bf16, the batched `qclip reinforce` job beside a per-image CoCa.generate loop.
-# Needs the `reinforce` extra (transformers 4.56.2); on an image without open_clip, carry wheels in .whl/ as
+# Reinforcement throughput on one GPU: open_clip's coca_ViT-B-32 and coca_ViT-L-14 at random init (no weights are
+# downloaded), bf16, the batched `qclip reinforce` job beside a per-image CoCa.generate loop.
+# Needs the `reinforce` extra (transformers 4.56.2); where open_clip is not installed, put its wheels in .whl/ as
 # experiments/bench_mfu_h200.sh does. Writes JSON into $OUT (default experiments/results).
 OUT=${OUT:-experiments/results}; mkdir -p "$OUT"
 if [ -d .whl ]; then

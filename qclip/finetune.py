@@ -14,6 +14,7 @@ from torch.utils.data import Dataset, DataLoader, Sampler, Subset
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from timm.utils import ModelEmaV3
+from .tracking import check_report_to
 from .core import (check_choice, check_positive, seed_everything, save_checkpoint, load_checkpoint,
                         atomic_write_text, atomic_path, MetricsLog, run_lock, plot_curves)
 from .models import CLIP_MODELS, save_weights
@@ -262,6 +263,7 @@ _COMMON = dict(
     log_every=10, eval_every=100, ckpt_every=50,
     seed=0,
     device='auto',        # auto | cpu | cuda
+    report_to='',         # tensorboard | wandb | tensorboard,wandb: live curves of metrics.jsonl ('' = none)
     resume=True,          # continue from out_dir/checkpoint.pt when it exists
 )
 
@@ -316,6 +318,7 @@ def _check(p:dict, defaults:dict, datasets:list)->dict:
                                                              str(p['data_root'] or ''))
     check_choice('dataset', p['dataset'], datasets); check_choice('precision', p['precision'], ('fp32', 'bf16'))
     check_choice('device', p['device'], ('auto', 'cpu', 'cuda'))
+    p['report_to'] = check_report_to(p['report_to'])
     for k in ['steps', 'batch_size', 'log_every', 'eval_every', 'ckpt_every', 'synth_n', 'synth_val']:
         p[k] = check_positive(k, p[k])
     for k in ['img_size', 'warmup', 'workers', 'seed']: p[k] = check_positive(k, p[k], allow_zero=True)

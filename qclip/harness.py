@@ -11,6 +11,7 @@ import torch, torch.nn as nn, yaml
 from .core import MetricsLog, atomic_write_text, save_checkpoint, load_checkpoint, check_choice, progress_bar
 from .distributed import rank_world, barrier
 from .models import save_weights
+from .tracking import Tracker
 
 # %% auto #0
 __all__ = ['run_device', 'RunFolder', 'cadence', 'progress']
@@ -35,6 +36,7 @@ class RunFolder:
         self.out, (self.rank, self.world) = Path(params['out_dir']), rank_world()
         self.log, self.ck_path = MetricsLog(self.out/'metrics.jsonl'), self.out/'checkpoint.pt'
         self.out.mkdir(parents=True, exist_ok=True)
+        self.tracker = None  # TensorBoard / W&B of `report_to` (rank 0, from `write_params` to `finish`)
 
     def resume(self, device, **fields)->dict|None:
         ("This run's checkpoint, its log cut to its step; None for a fresh start (an old log removed). `fields`: "
@@ -59,12 +61,17 @@ class RunFolder:
         return ck
 
     def write_params(self):
-        "`params.yaml` (rank 0)."
+        "`params.yaml` (rank 0), and the `report_to` writers, opened where the log resumes (after `resume`)."
         if self.rank == 0: atomic_write_text(self.out/'params.yaml', yaml.safe_dump(self.p, sort_keys=False))
+        if self.rank == 0 and self.p.get('report_to'):  # a resumed log ends at its checkpoint; a fresh one is gone
+            start = max((r['step'] for r in self.rows()), default=0) if self.log.path.exists() else None
+            if self.tracker is not None: self.tracker.close()
+            self.tracker = Tracker(self.p['report_to'], self.out, self.p, start)
 
     def append(self, **row):
         "One row of `metrics.jsonl` (rank 0)."
         if self.rank == 0: self.log.append(**row)
+        if self.tracker is not None: self.tracker.log(row)
 
     def rows(self)->list[dict]:
         "The metrics rows so far (rank 0; [] elsewhere)."
@@ -81,6 +88,7 @@ class RunFolder:
             if model is not None: save_weights(model, self.out/'model.safetensors')
             if plot is not None: plot(self.rows(), self.out/'metrics.png')
             atomic_write_text(self.out/'results.json', json.dumps(summary, indent=1))
+            if self.tracker is not None: self.tracker.close(); self.tracker = None
         barrier()
         return summary
 

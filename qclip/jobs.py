@@ -443,6 +443,9 @@ def stage_plan(
     return f"{head}, each {how} = {group}{gpus}{batch}"
 
 # %% ../nbs/07a_jobs.ipynb #e5e7bc44
+from .tracking import experiment_env
+
+@experiment_env  # the runs see the experiment's name (W&B group) and `report_to=` (qclip run --report-to)
 def run_experiment(
     path,                   # experiments/NAME.yaml
     slurm:bool=False,       # submit with submitit instead of running here
@@ -636,6 +639,8 @@ def _parser():
     ru.add_argument('--only', default=None, help='only these stages (comma-separated), e.g. pretrain')
     ru.add_argument('--jobs', type=int, default=1,
                     help='local: this many runs side by side, the cores shared between them')
+    ru.add_argument('--report-to', default='', help="tensorboard, wandb or tensorboard,wandb: every run's curves there "
+                    "too (TensorBoard: each run's folder under out_root; W&B: grouped by experiment)")
     for name, what in _JOBS.items():  # the jobs with a command of their own: their options are theirs (`qclip NAME -h`)
         sub.add_parser(name, help=what[1], add_help=False).add_argument('args', nargs=argparse.REMAINDER)
     return ap
@@ -673,7 +678,8 @@ def main(argv=None):
         return 0
     old = signal.signal(signal.SIGTERM, _terminated)
     try: st = run_experiment(a.experiment, slurm=a.slurm, cluster=a.cluster, wait=not a.no_wait, dry_run=a.dry_run,
-                             log_output=a.log_output, profile=a.profile, only=a.only, jobs=a.jobs)
+                             log_output=a.log_output, profile=a.profile, only=a.only, jobs=a.jobs,
+                             report_to=a.report_to)
     except (ValueError, RuntimeError, FileNotFoundError) as e:  # a bad spec or no cluster: say so, no traceback
         print(f'qclip run: {e}', file=sys.stderr); return 2
     except (KeyboardInterrupt, SystemExit) as e:

@@ -17,6 +17,7 @@ from mmengine.registry import OPTIM_WRAPPER_CONSTRUCTORS, MODELS as MM_MODELS
 from mmengine.runner.checkpoint import CheckpointLoader
 from mmseg.registry import MODELS as SEG_MODELS
 from mmdet.registry import MODELS as DET_MODELS
+from .tracking import check_report_to, mm_vis_backends
 from .core import Registry, cache_dir, check_choice, check_positive, atomic_write_text
 from .data.synth import CLASSES, SHAPES, COLOURS, synth_shards
 from .distributed import barrier, rank_world, requested_world_size, run_job, GlobalBatchNorm2d
@@ -466,6 +467,7 @@ def mm_config(
     cfg_options:dict|None=None,# mm-style dotted overrides applied last, e.g. {'model.decode_head.channels': 256}
     scale_lr:bool=False,       # mmengine scales lr by (processes x batch_size) / the recipe's global batch
                                # (auto_scale_lr)
+    report_to:str='',          # tensorboard | wandb | tensorboard,wandb: mmengine's visualizer writes there too
     **params,                  # job parameters (JOB_KEYS): None keeps the recipe's value
 )->Config:
     "The classic mm config of a paper recipe (RECIPES), with job parameters and `cfg_options` applied."
@@ -494,6 +496,8 @@ def mm_config(
     cfg.randomness = dict(seed=seed)
     cfg.default_hooks.visualization = dict(type=cfg.default_hooks.visualization.type, draw=False)
     cfg.work_dir, cfg.resume, cfg.load_from = str(work_dir or Path('work_dirs')/recipe), bool(resume), None
+    cfg.visualizer.vis_backends = [*cfg.visualizer.vis_backends, *mm_vis_backends(  # mmengine's own, rank 0 writes
+        report_to, cfg.work_dir, dict(recipe=recipe, seed=seed, **{k: r[k] for k in JOB_KEYS if k in r}), resume)]
     # small recipes: no validation during training (the loop would run it at the end too), one test
     if not r.get('val_interval'):
         cfg.val_dataloader = cfg.val_cfg = cfg.val_evaluator = None
@@ -608,11 +612,13 @@ def dense_job(
     resume:bool=True,          # continue from the last checkpoint in out_dir/work_dir
     scale_lr:bool=False,       # another global batch than the recipe's: lr scaled linearly (mmengine
                                # auto_scale_lr), not refused
+    report_to:str='',          # tensorboard | wandb | tensorboard,wandb: mmengine's curves there too
     **job,                     # JOB_KEYS: None or '' keeps the recipe's value
 )->dict:                       # the test metrics written to results.json
     """Train and test an OpenMMLab recipe into `out_dir` on the processes asked for (`qclip launch`, torchrun, SLURM);
     its test metrics (%)."""
     check_choice('device', device, ['auto', 'cpu', 'cuda'])
+    report_to = check_report_to(report_to)
     if device == 'cuda' and not torch.cuda.is_available():
         raise ValueError("device='cuda' is not valid here: torch sees no GPU")
     # mmengine picks a GPU when it sees one (spawned ranks inherit it)
@@ -625,7 +631,7 @@ def dense_job(
     # before the folder or a process
     check_global_batch(resolve_recipe(recipe, **job), requested_world_size(), scale_lr)
     p = dict(task=task, recipe=recipe, cfg_options=cfg_options, seed=seed, device=device,
-             out_dir=str(Path(out_dir).absolute()), resume=resume, scale_lr=scale_lr, **job)
+             out_dir=str(Path(out_dir).absolute()), resume=resume, scale_lr=scale_lr, report_to=report_to, **job)
     return run_job(dense_job, p, _dense_run)
 
 # %% ../nbs/08b_mm.ipynb #e64ab4eb
@@ -634,14 +640,15 @@ def _dense_run(p:dict)->dict:
     (rank, world), out, job = rank_world(), Path(p['out_dir']), {k: v for k, v in p.items() if k in JOB_KEYS}
     r = resolve_recipe(p['recipe'], **job)
     config = lambda: mm_config(p['recipe'], work_dir=str(out/'work_dir'), seed=p['seed'], resume=p['resume'],
-                               cfg_options=p['cfg_options'], scale_lr=p['scale_lr'], **job)
+                               cfg_options=p['cfg_options'], scale_lr=p['scale_lr'], report_to=p['report_to'], **job)
     cfg = config() if rank == 0 else None
     barrier()  # rank 0 made the built-in data; the others find it in the cache
     if cfg is None: cfg = config()
     if rank == 0:
         params = dict(recipe=p['recipe'], **{k: r.get(k) for k in JOB_KEYS}, cfg_options=dict(p['cfg_options'] or {}),
                       seed=p['seed'], device=p['device'], out_dir=str(out), resume=p['resume'], scale_lr=p['scale_lr'],
-                      world_size=world, global_batch=world * r['batch_size'], paper=r['paper'], sources=r['sources'])
+                      world_size=world, global_batch=world * r['batch_size'], paper=r['paper'], sources=r['sources'],
+                      report_to=p['report_to'])
         params['synth_n'] = list(params['synth_n']) if params['synth_n'] else None
         atomic_write_text(out/'params.yaml', yaml.safe_dump(params, sort_keys=False))
         atomic_write_text(out/'config.py', cfg.dump())

@@ -15,6 +15,7 @@ from .data.synth import SYNTH_DATASETS, CLASSES
 from .finetune import SYNTH_LABELS, synth_arrays, _norm
 from .train import retrieval
 from .harness import run_device
+from .tracking import Tracker, check_report_to
 
 # %% auto #0
 __all__ = ['RIDGE_GRID', 'WD_GRID', 'COCO_IOUS', 'HELDOUT_TEMPLATES', 'PROBE_DEFAULTS', 'tower_features', 'standardize',
@@ -344,6 +345,7 @@ PROBE_DEFAULTS = dict(
     batch_size=256,             # images per forward pass
     seed=0,                     # held-out fifth for choosing the penalties; random init of an arch name
     device='auto',              # auto | cpu | cuda
+    report_to='',               # tensorboard | wandb | tensorboard,wandb: the read-outs there too ('' = none)
     out_dir='runs/probes',
 )
 
@@ -357,6 +359,7 @@ def check_probe_params(**params)->dict:
     check_choice('dataset', p['dataset'], SYNTH_DATASETS); check_choice('device', p['device'], ('auto', 'cpu', 'cuda'))
     for k in ('synth_n', 'synth_val', 'dense_n', 'batch_size'): p[k] = check_positive(k, p[k])
     p['seed'] = check_positive('seed', p['seed'], allow_zero=True)
+    p['report_to'] = check_report_to(p['report_to'])
     if p['dense_n'] > p['synth_n']:
         raise ValueError(f"dense_n={p['dense_n']} exceeds synth_n={p['synth_n']}: "
                          "the dense probes use the first dense_n training images")
@@ -433,6 +436,8 @@ def probe_encoder(**params)->dict:
         atomic_write_text(out/'params.yaml', yaml.safe_dump(p, sort_keys=False))
         _show_dense(Mtr[:n], tr, Mva, va, out/'probes.png', s['lam'], d['lam'])
         atomic_write_text(out/'results.json', json.dumps(res, indent=1))
+        if p['report_to']:  # the read-outs of a frozen encoder: one point each, at step 0
+            t = Tracker(p['report_to'], out, p); t.log(dict(step=0, **res)); t.close()
     return res
 
 def _show_dense(Mtr, tr, Mva, va, path, seg_lam, lam, k:int=4):

@@ -17,6 +17,7 @@ from .data.shards import (DATASETS, BadCounter, BadSample, BadDataError, IMAGE_K
 from .data.augment import open_image, crop_resize, center_box, rrc_box, normalize_batch
 from .distributed import rank_world, barrier, dist_env, run_job
 from .harness import run_device
+from .tracking import Tracker, check_report_to
 
 # %% auto #0
 __all__ = ['COCA_CONFIGS', 'COCA_MODELS', 'SOT', 'EOT', 'PAD', 'DECODINGS', 'TEACHER_SLOT', 'TEACHER_SLOTS',
@@ -363,6 +364,7 @@ def train_coca(**params)->dict:
     "Train a CoCa with open_clip's `CoCaLoss` (contrastive + captioning) on a dataset's captions; resumable."
     from open_clip.loss import CoCaLoss
     from qclip.train import param_groups, cosine_lr, autocast
+    report_to = check_report_to(params.pop('report_to', ''))  # how it is watched, not what it trains
     unknown = set(params) - set(COCA_TRAIN_DEFAULTS)
     if unknown: raise ValueError(f"unknown parameter(s) {sorted(unknown)}; accepted: {', '.join(COCA_TRAIN_DEFAULTS)}")
     p = {**COCA_TRAIN_DEFAULTS, **params}; p['out_dir'] = str(p['out_dir'])
@@ -387,6 +389,7 @@ def train_coca(**params)->dict:
         model.load_state_dict(c['model']); opt.load_state_dict(c['optimizer']); step = c['step']; log.truncate(step)
     elif log.path.exists(): log.path.unlink()
     atomic_write_text(out/'params.yaml', yaml.safe_dump(p, sort_keys=False))
+    tracker = Tracker(report_to, out, p, step or None)  # a resumed run continues after its checkpoint's step
     bar = progress_bar(total=p['steps'], initial=step, desc='train CoCa', mininterval=2, file=sys.stdout)
     while step < p['steps']:
         chunk = step // p['ckpt_every']; n = min(p['ckpt_every'] * (chunk + 1), p['steps']) - step
@@ -404,11 +407,12 @@ def train_coca(**params)->dict:
             with torch.no_grad(): model.logit_scale.clamp_(0, math.log(100))
             step += 1; bar.update(1)
             if step % p['log_every'] == 0 or step == p['steps']:
-                log.append(step=step, contrastive_loss=float(closs), caption_loss=float(capl),
+                row = dict(step=step, contrastive_loss=float(closs), caption_loss=float(capl),
                            lr=opt.param_groups[0]['lr'])
+                log.append(**row); tracker.log(row)
                 bar.set_postfix(caption_loss=f'{float(capl):.3f}')
         save_checkpoint(dict(step=step, model=model.state_dict(), optimizer=opt.state_dict(), params=p), ck)
-    bar.close()
+    bar.close(); tracker.close()
     save_weights(model, w)
     rows = log.read()
     last = rows[-1] if rows else {}
@@ -447,9 +451,10 @@ REINFORCE_DEFAULTS = dict(
     synth_size=64,              # ... their side in pixels
     synth_val=256,              # ... held-out images (splits with val)
     device='auto',              # auto | cpu | cuda
+    report_to='',               # tensorboard | wandb | tensorboard,wandb: the CoCa's curves and the summary ('' = none)
     out_dir='runs/reinforce',   # side-car shards under out_dir/<split>/
 )
-_NOT_OUTPUT = ('device', 'out_dir')  # parameters that do not change the bytes written
+_NOT_OUTPUT = ('device', 'out_dir', 'report_to')  # parameters that do not change the bytes written
 
 # %% ../nbs/09a_reinforce.ipynb #44f80c2f
 def check_reinforce_params(**params)->dict:
@@ -463,6 +468,7 @@ def check_reinforce_params(**params)->dict:
     for s in p['splits'].split(','): check_choice('splits', s, ['train', 'val'])
     check_choice('decoding', p['decoding'], DECODINGS); check_choice('precision', p['precision'], ['fp32', 'bf16'])
     check_choice('device', p['device'], ['auto', 'cpu', 'cuda'])
+    p['report_to'] = check_report_to(p['report_to'])
     for k in ['n_captions', 'seq_len', 'batch_size', 'top_k', 'num_beams', 'num_beam_groups', 'synth_n', 'synth_size',
               'synth_val']: p[k] = check_positive(k, p[k])
     for k in ['coca_train_steps', 'n_aug', 'seed', 'min_seq_len']: p[k] = check_positive(k, p[k], allow_zero=True)
@@ -606,7 +612,8 @@ def reinforce(**params)->dict:
                                  '(train_coca) and pass coca_weights, or use qclip launch')
             p['coca_weights'] = train_coca(model=p['coca'], dataset=p['coca_train_dataset'], steps=p['coca_train_steps'],
                                            seed=p['seed'], synth_size=p['synth_size'], device=p['device'],
-                                           out_dir=str(Path(p['out_dir'])/'coca'))['weights']
+                                           out_dir=str(Path(p['out_dir'])/'coca'),
+                                           report_to=p['report_to'])['weights']
         return run_job(reinforce, p, _reinforce)
 
 def _sidecars(out:Path)->list[Path]:
@@ -686,6 +693,9 @@ def _reinforce(p:dict)->dict:
         if failed: print(f"{len(failed)} shards yielded nothing usable and were not written (a rerun retries them): "
                          + '; '.join(f'{k}: {v}' for k, v in sorted(failed.items())[:3]), flush=True)
         atomic_write_text(out/'results.json', json.dumps(summary, indent=1))
+        if p['report_to']:  # the job's totals, at the shards done
+            t = Tracker(p['report_to'], out, p)
+            t.log(dict(summary, step=len(stats), bad_samples=sum(bad.values()))); t.close()
     barrier()
     return summary
 

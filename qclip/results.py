@@ -361,7 +361,6 @@ def _save(fig, path):
 # %% ../nbs/50_results.ipynb #6887bcc1
 def plot_table1(long:pd.DataFrame, path=None):
     "Bars of each Table 1 column per row (mean over seeds), each seed's run as a dot (seaborn)."
-    import matplotlib; matplotlib.use('Agg') if path else None
     import seaborn as sns
     if long.empty: return None
     df = long.assign(column=[c + (' (lower is better)' if c in LOWER_IS_BETTER else '') for c in long.column])
@@ -382,7 +381,6 @@ def plot_table1(long:pd.DataFrame, path=None):
 def plot_intervals(long:pd.DataFrame, path=None, level:float=0.95):
     """Forest plot: each column's paired differences between caption qualities with their intervals (right of 0: the
     paper's way)."""
-    import matplotlib; matplotlib.use('Agg') if path else None
     import matplotlib.pyplot as plt, seaborn as sns
     rows = []
     for col in dict.fromkeys(long.column):

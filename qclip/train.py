@@ -11,6 +11,7 @@ from pathlib import Path
 import torch, torch.nn as nn, yaml
 import torch.distributed as dist
 from timm.utils import ModelEmaV3
+from .tracking import check_report_to
 from fastcore.script import call_parse, Param
 from .core import (check_choice, check_positive, seed_everything, save_checkpoint, load_checkpoint,
                         atomic_write_text, atomic_path, MetricsLog, run_lock, yaml_value, plot_curves)
@@ -67,6 +68,7 @@ PRETRAIN_DEFAULTS = dict(
     synth_n=8192, synth_size=64,# built-in datasets: training images and their side in pixels
     synth_val=512,              # held-out images for retrieval R@1 (built-in datasets)
     device='auto',              # auto | cpu | cuda
+    report_to='',               # tensorboard | wandb | tensorboard,wandb: live curves of metrics.jsonl ('' = none)
     out_dir='runs/pretrain',
     resume=True,                # continue from out_dir/checkpoint.pt when it exists
 )
@@ -98,6 +100,7 @@ def check_params(**params)->dict:
     check_choice('precision', p['precision'], PRECISIONS)
     check_choice('parallel', p['parallel'], ['ddp', 'fsdp'])
     check_choice('device', p['device'], ['auto', 'cpu', 'cuda'])
+    p['report_to'] = check_report_to(p['report_to'])
     for k in ['batch_size', 'log_every', 'eval_every', 'ckpt_every', 'synth_n', 'synth_size', 'synth_val']:
         p[k] = check_positive(k, p[k])
     for k in ['steps', 'warmup', 'workers', 'seed']: p[k] = check_positive(k, p[k], allow_zero=True)

@@ -1,4 +1,4 @@
-"""Bad data in a resampled stream (issue: counts were reads, not samples): one broken image, one sample without
+"""Bad data in a resampled stream, counted as distinct samples, not reads: one broken image, one sample without
 `syn.json` and one shard cut short, met again and again by 2 ranks x 2 loader workers, are reported as 1, 1 and 1
 distinct bad samples beside their failed reads; and data that is all bad stops within a few hundred reads."""
 import io, json
