@@ -158,16 +158,17 @@ def pair_tests(long:pd.DataFrame, column:str, seeds=None, level:float=0.95)->pd.
         out.append(dict(pair=f'{b} - {a}', worse=a, better=b, mean=t['mean'], low=t['low'], high=t['high'],
                         n=t['n'], p_t=t['p'], p_sign=sign_flip(d, 'greater') if len(d) else math.nan,
                         p_t_rev=tr['p'], p_sign_rev=sign_flip(d, 'less') if len(d) else math.nan))
-    df = pd.DataFrame(out)
-    df['p'] = df[['p_t', 'p_sign']].max(axis=1, skipna=False)
-    df['p_rev'] = df[['p_t_rev', 'p_sign_rev']].max(axis=1, skipna=False)
-    return df
+    return pd.DataFrame(out)
 
-# %% ../nbs/09c_analysis.ipynb #2db2faff
-def ordering_p(pairs:pd.DataFrame)->tuple[float, float]:
-    "(p of the paper's ordering: the larger adjacent-pair p; p of a reversal: 3 x the smallest reversed-pair p)."
+# %% ../nbs/09c_analysis.ipynb #c14d0c52
+def ordering_p(pairs:pd.DataFrame, alpha:float=0.05)->dict:
+    """The ordering's t p-value (the larger adjacent pair's) and whether the exact test agrees on both pairs; the
+    reversal's (3 x the smallest reversed pair's) and whether the exact test agrees on that pair."""
     adj = pairs[pairs.pair.isin([f'{b} - {a}' for a, b in ADJACENT])]
-    return float(adj.p.max(skipna=False)), float(min(1., 3 * pairs.p_rev.min(skipna=False)))
+    r = pairs.p_t_rev.idxmin() if pairs.p_t_rev.notna().any() else None
+    return dict(p=float(adj.p_t.max(skipna=False)), agree=bool((adj.p_sign <= alpha).all()),
+                p_rev=float(min(1., 3 * pairs.p_t_rev.min(skipna=False))),
+                rev_agree=bool(r is not None and pairs.p_sign_rev[r] <= alpha))
 
 # %% ../nbs/09c_analysis.ipynb #29f1d4b5
 def _fmt_p(p)->str: return 'n/a' if pd.isna(p) else f'{p:.2g}' if p >= 0.001 else f'{p:.1e}'
@@ -175,8 +176,7 @@ def _fmt_p(p)->str: return 'n/a' if pd.isna(p) else f'{p:.2g}' if p >= 0.001 els
 def verdict_text(
     gated:bool|None,        # the positive control: passed, failed, None = not run
     n:int,                  # seeds per row
-    p:float,                # p-value of the paper's ordering (Holm-corrected for a primary read-out)
-    p_rev:float,            # p-value of a reversal (Holm-corrected for a primary read-out)
+    test:dict,              # `ordering_p` (with p and p_rev Holm-corrected for a primary read-out)
     pairs:pd.DataFrame,     # `pair_tests` of the read-out
     negative:list,          # caption-quality rows resolved below random init
     alpha:float=0.05,
@@ -184,16 +184,19 @@ def verdict_text(
 )->str:
     "The verdict on one read-out, in words that claim no more than its numbers show."
     how = f"n = {n}, {'Holm-corrected' if corrected else 'uncorrected'} p = "
+    p, pr = test['p'], test['p_rev']
     if gated is None: v = 'not measured: no gate runs for this read-out'
     elif not gated: v = 'not measurable at toy scale: DataCompDR does not beat random init on the gate seeds'
     elif n < 2: v = f'not tested: {n} seed per row'
-    elif p < alpha: v = f"orders {' < '.join(PAPER_ORDER)} at toy scale ({how}{_fmt_p(p)})"
-    elif p_rev < alpha:
-        rev = [f"{r.worse} above {r.better}" for r in pairs.itertuples() if r.p_rev * 3 < alpha]
-        v = f"contradicts the paper at toy scale: {', '.join(rev) or 'a pair reversed'} ({how}{_fmt_p(p_rev)})"
+    elif p < alpha and test['agree']: v = f"orders {' < '.join(PAPER_ORDER)} at toy scale ({how}{_fmt_p(p)})"
+    elif pr < alpha and test['rev_agree']:
+        rev = [f"{r.worse} above {r.better}" for r in pairs.itertuples() if r.p_t_rev * 3 < alpha and r.p_sign_rev <= alpha]
+        v = f"contradicts the paper at toy scale: {', '.join(rev) or 'a pair reversed'} ({how}{_fmt_p(pr)})"
     else:
         ok = [f"{r.worse} < {r.better}" for r in pairs.itertuples() if pd.notna(r.low) and r.low > 0]
-        v = f"unresolved at toy scale ({how}{_fmt_p(p)})" + (f"; 95% intervals clear 0 for {', '.join(ok)}" if ok else '')
+        v = f"unresolved at toy scale ({how}{_fmt_p(p)}" + (
+            '; the exact sign-flip test does not agree)' if p < alpha else ')') + (
+            f"; 95% intervals clear 0 for {', '.join(ok)}" if ok else '')
     if negative and gated is not None: v += f"; negative transfer for {' and '.join(negative)}"
     return v
 
@@ -267,21 +270,23 @@ def plan_verdicts(
          else pd.DataFrame(columns=['column', 'passes']))
     gated = {c: bool(v) for c, v in zip(g.column, g.passes)}
     tests = {c: pair_tests(long, c, seeds, level) for c in cols if c in set(long.column)}
-    raw = {c: ordering_p(pt) if gated.get(c) else (1., 1.) for c, pt in tests.items()}
-    fam = {t: raw.get(c, (1., 1.)) for t, c in plan['primary'].items()}
-    h_ord, h_rev = holm({t: v[0] for t, v in fam.items()}), holm({t: v[1] for t, v in fam.items()})
+    none = dict(p=1., agree=False, p_rev=1., rev_agree=False)  # not gated: never rejected
+    raw = {c: ordering_p(pt, alpha) if gated.get(c) else none for c, pt in tests.items()}
+    fam = {t: raw.get(c, none) for t, c in plan['primary'].items()}
+    h_ord, h_rev = holm({t: v['p'] for t, v in fam.items()}), holm({t: v['p_rev'] for t, v in fam.items()})
     out = []
     for c, pt in tests.items():
         task = long[long.column == c].task.iloc[0]
         primary = plan['primary'].get(task) == c
-        p, pr = (h_ord[task], h_rev[task]) if primary else raw[c]
+        test = {**raw[c], 'p': h_ord[task], 'p_rev': h_rev[task]} if primary else raw[c]
         w = wide(long, c, seeds)
         neg = [r for r in PAPER_ORDER if (t := paired_t(paired_diff(w, RANDOM_ROW, r), 'two-sided', level))['n'] >= 2
                and t['high'] < 0]
         n = int(pt.n.min())
         out.append(dict(task=task, column=c, role='primary' if primary else 'secondary', gate=gated.get(c), n=n,
-                        p_order=p, p_reverse=pr, negative_transfer=', '.join(neg),
-                        verdict=verdict_text(gated.get(c), n, p, pr, pt, neg, alpha, corrected=primary)))
+                        p_order=test['p'], exact_agrees=test['agree'], p_reverse=test['p_rev'],
+                        negative_transfer=', '.join(neg),
+                        verdict=verdict_text(gated.get(c), n, test, pt, neg, alpha, corrected=primary)))
     return pd.DataFrame(out), g
 
 # %% ../nbs/09c_analysis.ipynb #1a2c831b
@@ -292,10 +297,16 @@ def t_power(d:float, n:int, alpha:float, draws:int=200_000, seed:int=0)->float:
     z, v = rng.standard_normal(draws), rng.chisquare(n - 1, draws) / (n - 1)
     return float(((z + d * math.sqrt(n)) / np.sqrt(v) > t_ppf(1 - alpha, n - 1)).mean())
 
-# %% ../nbs/09c_analysis.ipynb #93fbfda1
-def seeds_needed(d:float, alpha:float, power:float=0.8, n_max:int=20)->int:
-    "The fewest seeds at which both tests can reject at `alpha` and the t-test has `power` for effect size `d`."
+# %% ../nbs/09c_analysis.ipynb #cd7e6feb
+def seeds_needed(
+    d:float,           # effect size of the smaller adjacent pair: mean / sd of its per-seed differences
+    alpha:float=0.05,  # the plan's family-wise level
+    tasks:int=4,       # Holm's family
+    power:float=0.8,
+    n_max:int=20,
+)->int:                # n_max + 1 when n_max seeds are not enough
+    "The fewest seeds giving the t-test `power` at Holm's first step and letting the exact test agree at `alpha`."
     floor = math.ceil(math.log2(1 / alpha))  # the sign-flip test's smallest p-value is 2^-n
     for n in range(max(2, floor), n_max + 1):
-        if t_power(d, n, alpha) >= power: return n
+        if t_power(d, n, alpha / tasks) >= power: return n
     return n_max + 1

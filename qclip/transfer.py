@@ -38,18 +38,24 @@ class TokenHead(nn.Module):
     def forward(self, x:Tensor)->Tensor:  # x: (N, D, h, w) -> (N, out, h * up, w * up)
         return F.pixel_shuffle(self.proj(self.norm(x)), self.up)
 
-# %% ../nbs/08d_transfer.ipynb #62fbca7b
+# %% ../nbs/08d_transfer.ipynb #5547cbfc
 class TokenDense(nn.Module):
-    "Image tower -> its last block's token map -> `TokenHead` at `up` x the token grid (None: up to the pixels)."
-    def __init__(self, tower:nn.Module, out:int, up:int|None=None):
+    """Image tower -> its last block's token map (+ the head's own learned position embedding on a `pos` grid) ->
+    `TokenHead` at `up` x the token grid (None: up to the pixels)."""
+    def __init__(self, tower:nn.Module, out:int, up:int|None=None, pos:tuple|None=None):
         super().__init__()
         a = adapter(tower)
         self.tower, info = a.module, a.feature_info[-1]
-        self.stride, self.last = info['reduction'], [len(a.blocks()) - 1] if a.is_vit else 1
+        self.stride, self.last = info['reduction'], [len(a.blocks()) - 1] if getattr(a, 'is_vit', False) else 1
         self.head = TokenHead(info['num_chs'], out, up or self.stride)
+        self.pos = nn.Parameter(nn.init.trunc_normal_(torch.empty(1, info['num_chs'], *pos), std=0.02)) if pos else None
 
     def forward(self, x:Tensor)->Tensor:  # x: (N, 3, H, W) -> (N, out, h * up, w * up)
-        return self.head(feature_maps(self.tower, x, indices=self.last)[-1])
+        m = feature_maps(self.tower, x, indices=self.last)[-1]
+        if self.pos is not None:
+            m = m + (self.pos if self.pos.shape[-2:] == m.shape[-2:] else
+                     F.interpolate(self.pos, size=m.shape[-2:], mode='bilinear', align_corners=False))
+        return self.head(m)
 
 # %% ../nbs/08d_transfer.ipynb #ca032f66
 class SceneMaps(Dataset):
@@ -129,6 +135,7 @@ TRANSFER_DEFAULTS = dict(_COMMON,
     max_depth=10.0,       # depth head: sigmoid x max_depth metres
     silog_lambda=0.5,     # Table 15's SiLog loss
     box_up=2,             # box cells per token side (a 16-px token -> 8-px cells)
+    head_pos=True,        # the dense heads learn their own position embedding (every encoder gets it)
     synth_n=4096,         # training scenes
     synth_val=1024,       # validation scenes
     synth_seed=-1,        # scene seed; -1: the encoder's (its 10_pretrain params.yaml), 0 for an arch name
@@ -165,6 +172,7 @@ def check_transfer_params(**params)->dict:
     check_choice('label', p['label'], SYNTH_LABELS)
     p['synth_seed'] = check_positive('synth_seed', p['synth_seed'], allow_zero=True)
     p['box_up'] = check_positive('box_up', p['box_up'])
+    if not isinstance(p['head_pos'], bool): raise ValueError(f"head_pos={p['head_pos']!r}: expected True or False")
     for k in ('max_depth', 'silog_lambda'): p[k] = check_positive(k, p[k], float)
     if not 0 <= p['label_smoothing'] < 1:
         raise ValueError(f"label_smoothing={p['label_smoothing']!r} is not valid; expected a number in [0, 1)")
@@ -181,6 +189,11 @@ def _scenes(p:dict)->tuple[dict, dict]:
         _ARRAYS[key] = (synth_arrays(p['dataset'], 'train', p['synth_n'], seed=p['synth_seed']),
                         synth_arrays('synth-datacompdr', 'val', p['synth_val'], seed=p['synth_seed']))
     return _ARRAYS[key]
+
+def _grid(tower:nn.Module, size:int, p:dict)->tuple|None:
+    "The token grid of `size`-px inputs when the heads learn a position embedding (`head_pos`), else None."
+    s = adapter(tower).feature_info[-1]['reduction']
+    return (size // s, size // s) if p['head_pos'] else None
 
 def _tower(p:dict, size:int)->nn.Module:
     "The encoder's image tower for `size`-px inputs, with `p`'s stochastic depth."
@@ -203,26 +216,26 @@ def transfer_task(name:str, p:dict)->Task:
                     lambda m, dev: eval_classification(m, val, norm, dev, prec), 'top1', 'top-1 (%)', summary)
     if name == 'segmentation':
         val = SceneMaps(va, 'seg')
-        return Task('transfer-seg', SceneMaps(tr, 'seg'), val, TokenDense(tower, len(CLASSES)), norm,
+        return Task('transfer-seg', SceneMaps(tr, 'seg'), val, TokenDense(tower, len(CLASSES), pos=_grid(tower, size, p)), norm,
                     lambda out, t: F.cross_entropy(out, t.long()),
                     lambda m, dev: eval_seg(m, val, norm, dev, prec), 'mIoU', 'mIoU (%)', summary)
     if name == 'depth':
         val, q = SynthDepth(va), dict(dataset=p['dataset'], flip_test=False, shifts=1, min_depth=1e-3,
                                       max_depth=p['max_depth'])
-        return Task('transfer-depth', SynthDepth(tr, None, 1.0), val, DepthTokens(tower, p['max_depth']), norm,
+        return Task('transfer-depth', SynthDepth(tr, None, 1.0), val, DepthTokens(tower, p['max_depth'], _grid(tower, size, p)), norm,
                     SiLogLoss(p['silog_lambda'], sync=True),
                     lambda m, dev: eval_depth(m, val, norm, dev, q, size, prec), 'rmse', 'RMSE (m)', summary)
     if name == 'detection':
         val = SceneMaps(va, 'inst')
-        return Task('transfer-box', SceneMaps(tr, 'inst'), val, TokenDense(tower, 5, p['box_up']), norm, BoxLoss(),
+        return Task('transfer-box', SceneMaps(tr, 'inst'), val, TokenDense(tower, 5, p['box_up'], _grid(tower, size, p)), norm, BoxLoss(),
                     lambda m, dev: eval_box(m, val, norm, dev, prec), 'AP', 'box AP (%)', summary)
     check_choice('task', name, TRANSFER_TASKS)
 
 # %% ../nbs/08d_transfer.ipynb #e4c1fdfe
 class DepthTokens(nn.Module):
     "`TokenDense` depth of every pixel, `sigmoid x max_depth` metres (the paper's depth decoder's output, Table 15)."
-    def __init__(self, tower:nn.Module, max_depth:float=10.):
-        super().__init__(); self.dense, self.max_depth = TokenDense(tower, 1), max_depth
+    def __init__(self, tower:nn.Module, max_depth:float=10., pos:tuple|None=None):
+        super().__init__(); self.dense, self.max_depth = TokenDense(tower, 1, pos=pos), max_depth
     def forward(self, x:Tensor)->Tensor: return self.dense(x).sigmoid() * self.max_depth  # (N, 1, H, W)
 
 # %% ../nbs/08d_transfer.ipynb #0d34a4e9
