@@ -569,7 +569,9 @@ def fit(
         if (c := cadence(step, p)).log:
             row = dict(step=step, loss=all_reduce_mean(loss.item()), lr=lr,
                        samples_per_s=n_log / (time.perf_counter() - t_log))
-            if c.eval: row.update(task.evaluate(ema.module if ema else model, dev))  # every rank evaluates its share
+            if c.eval:  # every rank evaluates its share; NaN weights (e.g. batch-norm statistics) stop the run here
+                row.update(task.evaluate(ema.module if ema else model, dev))
+                run.check_finite(step, **{task.metric: row[task.metric]})
             run.append(**row)
             bar.set_postfix(loss=f"{row['loss']:.3f}", **({task.metric: f"{row[task.metric]:.3f}"} if c.eval else {}))
             t_log, n_log = time.perf_counter(), 0

@@ -123,7 +123,7 @@ class RunFolder:
 
     def check_finite(self, step:int, **values)->dict:
         "`values` (the loss, ...) as floats; a NaN or infinite one stops the run with `diverged`."
-        vals = {k: float(v) for k, v in values.items()}
+        vals = {k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in values.items()}
         bad = [f"{k}={v}" for k, v in vals.items() if not math.isfinite(v)]
         if bad: raise self.diverged(step, ', '.join(bad))
         return vals
