@@ -168,7 +168,7 @@ def test_copied_run_folder_resumes_its_own_checkpoint(tmp_path):
     checkpoint (and failed once that was gone). It resumes from its own copy; a name outside it is never followed."""
     import shutil
     job = dict(task='seg', recipe='upernet-vit-small', encoder='tiny-vit', device='cpu',
-               **{k: v for k, v in TINY.items() if k != 'iters'})
+               cfg_options={'default_hooks.logger.interval': 1}, **{k: v for k, v in TINY.items() if k != 'iters'})
     qm.dense_job(**job, out_dir=tmp_path/'a', iters=2)
     shutil.copytree(tmp_path/'a', tmp_path/'b'); shutil.rmtree(tmp_path/'a')  # moved: the original is gone
     assert str(tmp_path/'a') in (tmp_path/'b'/'work_dir'/'last_checkpoint').read_text()
@@ -184,14 +184,15 @@ def test_copied_run_folder_resumes_its_own_checkpoint(tmp_path):
 def test_load_from_a_finished_checkpoint_is_one_clear_line(tmp_path):
     """`load_from` a checkpoint already at `iters` (resume=True, the default) trained nothing, wrote results.json, then
     failed on the empty loss log; it is refused in one line before anything is written, naming both ways on."""
-    job = dict(recipe='upernet-vit-small', encoder='tiny-vit', device='cpu', **{**TINY, 'iters': 2})
+    job, log = dict(recipe='upernet-vit-small', encoder='tiny-vit', device='cpu', **{**TINY, 'iters': 2}), \
+        {'default_hooks.logger.interval': 1}
     qm.dense_job('seg', **job, out_dir=tmp_path/'a')
     ck = tmp_path/'a'/'work_dir'/'iter_2.pth'
     with pytest.raises(ValueError) as e:
-        qm.dense_job('seg', **job, out_dir=tmp_path/'b', cfg_options={'load_from': str(ck)})
+        qm.dense_job('seg', **job, out_dir=tmp_path/'b', cfg_options={'load_from': str(ck), **log})
     assert str(e.value) == (f"load_from='{ck}' is a checkpoint at iteration 2, the end of this schedule (2): resume=True "
                             "would continue it and train nothing; pass resume=False to train from its weights, or a "
                             "longer schedule to continue it")
     assert not (tmp_path/'b'/'results.json').exists()
-    res = qm.dense_job('seg', **job, out_dir=tmp_path/'c', cfg_options={'load_from': str(ck)}, resume=False)
+    res = qm.dense_job('seg', **job, out_dir=tmp_path/'c', cfg_options={'load_from': str(ck), **log}, resume=False)
     assert _iters_trained(tmp_path/'c'/'work_dir') == [[1, 2]] and 'mIoU' in res  # trained from its weights
