@@ -13,6 +13,7 @@ from tqdm import tqdm
 from .core import atomic_path, atomic_write_text, check_choice, check_positive, run_lock, seed_everything
 from .models import CLIP_MODELS, IMAGE_ENCODERS, create_clip, create_image_encoder
 from .encoders import adapter
+from .harness import write_results
 from .data.synth import DEFAULT_N, SYNTH_DATASETS, synth_shards
 from timm.layers import Attention as TimmAttention
 from open_clip.transformer import Attention as OpenClipAttention
@@ -316,5 +317,5 @@ def attention_job(
                        mean_distance={m: float(v)
                                       for m, v in df.groupby('model', sort=False)['distance'].mean().items()},
                        last_layer_std={m: float(v) for m, v in div[last].set_index('model')['std'].items()})
-        atomic_write_text(out/'results.json', json.dumps(summary, indent=1))
+        write_results(out/'results.json', summary)  # strict JSON: a NaN is null
     return summary

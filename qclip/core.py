@@ -37,12 +37,15 @@ def check_choice(name:str, value, choices:Iterable):
 
 # %% ../nbs/00_core.ipynb #38cdc21d
 def check_positive(name:str, value, kind=int, allow_zero=False):
-    "Raise `ValueError` naming parameter `name` unless `value` is a positive `kind` (or zero if `allow_zero`)."
-    ok = (isinstance(value, (int, float)) and not isinstance(value, bool)
+    "Raise `ValueError` naming parameter `name` unless `value` is a finite positive `kind` (or zero if `allow_zero`)."
+    import math
+    finite = not isinstance(value, float) or math.isfinite(value)  # NaN passes every comparison; inf is no setting
+    ok = (isinstance(value, (int, float)) and not isinstance(value, bool) and finite
           and (kind is float or float(value).is_integer()))
     if not ok or value < 0 or (value == 0 and not allow_zero):
         what = ('a non-negative' if allow_zero else 'a positive') + (' integer' if kind is int else ' number')
-        raise ValueError(f"{name}={value!r} is not valid; expected {what}")
+        raise ValueError(f"{name}={value!r} is not valid; expected {what}"
+                         + ('' if finite else ', not NaN or infinity'))
     return kind(value)
 
 # %% ../nbs/00_core.ipynb #ee4ecbd1

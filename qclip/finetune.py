@@ -22,7 +22,7 @@ from .data.synth import SYNTH_DATASETS, SHAPES, COLOURS, synth_shards, decode_de
 from .data.shards import read_tar, BadCounter, data_root_of
 from .data.augment import rrc_box, crop_resize, open_image, normalize_batch, MEAN, STD
 from .train import cosine_lr, autocast, _fault
-from .harness import RunFolder, cadence, progress, run_device
+from .harness import RunFolder, cadence, progress, run_device, nonfinite
 from .distributed import (run_job, rank_world, all_reduce_mean, all_reduce_sum, rank_share, barrier,
                                global_batchnorm)
 from .heads import (load_encoder, is_arch, set_img_size, set_drop_path, vit_input_size, DenseEncoder, DepthModel,
@@ -363,6 +363,9 @@ def check_depth_params(**params)->dict:
     if p['rrc_min'] > 1:
         raise ValueError(f"rrc_min={p['rrc_min']!r} is not valid; expected a share of the area in (0, 1]")
     for k in ['max_depth', 'min_depth']: p[k] = check_positive(k, p[k], float)
+    p['silog_lambda'] = check_positive('silog_lambda', p['silog_lambda'], float, allow_zero=True)
+    if p['silog_lambda'] > 1:  # above 1 the variance under the square root can go negative: a NaN loss
+        raise ValueError(f"silog_lambda={p['silog_lambda']!r} is not valid; expected a number in [0, 1]")
     if p['min_depth'] >= p['max_depth']:
         raise ValueError(f"min_depth={p['min_depth']} must be below max_depth={p['max_depth']}")
     if p['dataset'] == 'nyuv2':
@@ -539,6 +542,9 @@ def fit(
     seed_everything(p['seed'])  # the same head on every rank (DDP broadcasts rank 0's weights besides)
     dev, run, task = run_device(p['device']), RunFolder(p, _RESUME_KEYS, defaults), build(p)
     model = task.model.to(dev)
+    if (bad := nonfinite(model)) is not None:  # e.g. the weights of a run that diverged: training them gives NaN
+        raise ValueError(f"encoder={p['encoder']!r} holds non-finite weights ({bad} has NaN or infinity); "
+                         "expected a finite checkpoint (train that run again with a lower lr)")
     opt, ema = _optimizer(model, p), ModelEmaV3(model, decay=p['ema']) if p['ema'] else None
     start, net = _restore(run.resume(dev, task=task.name), model, opt, ema), _wrap(model, dev, task)
     run.write_params()
@@ -560,12 +566,15 @@ def fit(
         opt.zero_grad(set_to_none=True); loss.backward()
         if p['grad_clip']: nn.utils.clip_grad_norm_(model.parameters(), p['grad_clip'])
         opt.step()
+        run.check_finite(step, loss=loss)  # a NaN or infinite loss stops the run here (its last checkpoint kept)
         if ema is not None: ema.update(model, step=step - 1)
         bar.update(1); n_log += len(x) * world
         if (c := cadence(step, p)).log:
             row = dict(step=step, loss=all_reduce_mean(loss.item()), lr=lr,
                        samples_per_s=n_log / (time.perf_counter() - t_log))
-            if c.eval: row.update(task.evaluate(ema.module if ema else model, dev))  # every rank evaluates its share
+            if c.eval:  # every rank evaluates its share; NaN weights (e.g. batch-norm statistics) stop the run here
+                row.update(task.evaluate(ema.module if ema else model, dev))
+                run.check_finite(step, **{task.metric: row[task.metric]})
             run.append(**row)
             bar.set_postfix(loss=f"{row['loss']:.3f}", **({task.metric: f"{row[task.metric]:.3f}"} if c.eval else {}))
             t_log, n_log = time.perf_counter(), 0

@@ -4,7 +4,7 @@
 
 # %% ../nbs/05b_harness.ipynb #2c6788cd
 from __future__ import annotations
-import json, sys
+import json, math, sys
 from pathlib import Path
 from types import SimpleNamespace
 import torch, torch.nn as nn, yaml
@@ -14,7 +14,8 @@ from .models import save_weights
 from .tracking import Tracker
 
 # %% auto #0
-__all__ = ['run_device', 'RunFolder', 'cadence', 'progress']
+__all__ = ['run_device', 'finite_json', 'write_results', 'DivergedError', 'nonfinite', 'likely_cause', 'RunFolder', 'cadence',
+           'progress']
 
 # %% ../nbs/05b_harness.ipynb #30aa19f5
 def run_device(name:str='auto')->torch.device:
@@ -26,6 +27,47 @@ def run_device(name:str='auto')->torch.device:
     return (torch.device('cuda', torch.cuda.current_device()) if name == 'cuda' and rank_world()[1] > 1
             else torch.device(name))
 
+# %% ../nbs/05b_harness.ipynb #44d81f04
+def finite_json(obj)->str:
+    "`obj` as indented JSON with every NaN or infinity written as null: strict JSON that any reader parses."
+    def clean(x):
+        if isinstance(x, float) and not math.isfinite(x): return None
+        if isinstance(x, dict): return {k: clean(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)): return [clean(v) for v in x]
+        return x
+    return json.dumps(clean(obj), indent=1, allow_nan=False)
+
+# %% ../nbs/05b_harness.ipynb #9d8597ec
+def write_results(path, summary:dict)->Path:
+    "A run's `results.json`: `summary` as strict JSON (`finite_json`), written atomically."
+    return atomic_write_text(path, finite_json(summary))
+
+# %% ../nbs/05b_harness.ipynb #1796a69d
+class DivergedError(RuntimeError):
+    "A run whose loss or weights went NaN or infinite: stopped, its last finite checkpoint kept."
+
+# %% ../nbs/05b_harness.ipynb #b1cfd57c
+def nonfinite(state)->str|None:
+    "The name of the first floating tensor of `state` (a module or a state dict) holding NaN or infinity; else None."
+    sd = state.state_dict() if isinstance(state, nn.Module) else state or {}
+    ts = [(k, t) for k, t in sd.items() if torch.is_tensor(t) and t.is_floating_point() and t.numel()]
+    if not ts: return None
+    ok = torch.stack([torch.isfinite(t).all().cpu() for _, t in ts])  # one read-back on the host, not one a tensor
+    return None if ok.all() else ts[int((~ok).nonzero()[0])][0]
+
+# %% ../nbs/05b_harness.ipynb #2e9f78dd
+def likely_cause(p:dict, defaults:dict|None=None)->str:
+    "What most likely made a run of parameters `p` diverge, and what to change (the end of the divergence error)."
+    lr, wd, clip = p.get('lr') or 0., p.get('weight_decay') or 0., p.get('grad_clip') or 0.
+    d = (defaults or {}).get('lr')
+    if lr > 10 * (d or 1e-2):
+        return f"lr={lr} is likely too high" + (f" (the default is {d})" if d else '') + "; lower lr"
+    if lr * wd >= 1:  # AdamW multiplies every weight by 1 - lr x weight_decay each step
+        return (f"weight_decay={wd} with lr={lr} multiplies every weight by 1 - lr x weight_decay = {1 - lr * wd:g} "
+                "each step; lower weight_decay")
+    return (f"lr={lr} is likely too high for this model and batch; lower lr"
+            + ('' if clip else ' or set grad_clip (e.g. 1.0)'))
+
 # %% ../nbs/05b_harness.ipynb #b5315e39
 class RunFolder:
     "A run's folder (`params.yaml`, `metrics.jsonl`, `checkpoint.pt`, weights, `results.json`, plot); rank 0 writes."
@@ -35,6 +77,7 @@ class RunFolder:
         self.p, self.keys, self.defaults = params, keys, defaults
         self.out, (self.rank, self.world) = Path(params['out_dir']), rank_world()
         self.log, self.ck_path = MetricsLog(self.out/'metrics.jsonl'), self.out/'checkpoint.pt'
+        self.saved = None  # the step of this run's last checkpoint
         self.out.mkdir(parents=True, exist_ok=True)
         self.tracker = None  # TensorBoard / W&B of `report_to` (rank 0, from `write_params` to `finish`)
 
@@ -54,6 +97,7 @@ class RunFolder:
         if changed:
             raise ValueError(f"out_dir={str(self.out)!r} holds a checkpoint of a different run {changed} (saved, now); "
                              "use another out_dir or resume=False")
+        self.saved = ck['step']
         if self.rank == 0:
             self.log.truncate(ck['step'])
             print(f"resuming from {self.ck_path} at step {ck['step']}"
@@ -77,9 +121,27 @@ class RunFolder:
         "The metrics rows so far (rank 0; [] elsewhere)."
         return self.log.read() if self.rank == 0 else []
 
+    def diverged(self, step:int, what:str)->DivergedError:
+        "The one-line error of a run that diverged at `step` (`what`: e.g. 'loss=nan'): the checkpoint kept, the cause."
+        kept = (f"the last finite checkpoint {self.ck_path} (step {self.saved}) is kept" if self.saved is not None
+                else "no checkpoint of this run was written")
+        return DivergedError(f"training diverged: {what} at step {step}; stopped, {kept}; "
+                             f"{likely_cause(self.p, self.defaults)}")
+
+    def check_finite(self, step:int, **values)->dict:
+        "`values` (the loss, ...) as floats; a NaN or infinite one stops the run with `diverged`."
+        vals = {k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in values.items()}
+        bad = [f"{k}={v}" for k, v in vals.items() if not math.isfinite(v)]
+        if bad: raise self.diverged(step, ', '.join(bad))
+        return vals
+
     def save(self, **state):
-        "`checkpoint.pt` of `state` with the params and the world size (rank 0); every rank waits for it."
+        ("`checkpoint.pt` of `state` with the params and the world size (rank 0); every rank waits for it. Non-finite "
+         "`model` weights are refused (`diverged`): the last finite checkpoint stays.")
+        if (bad := nonfinite(state.get('model'))) is not None:
+            raise self.diverged(state.get('step'), f"weight {bad} is not finite")
         if self.rank == 0: save_checkpoint(dict(state, params=self.p, world_size=self.world), self.ck_path)
+        self.saved = state.get('step')
         barrier()
 
     def finish(self, summary:dict, model:nn.Module|None=None, plot=None)->dict:
@@ -87,7 +149,7 @@ class RunFolder:
         if self.rank == 0:
             if model is not None: save_weights(model, self.out/'model.safetensors')
             if plot is not None: plot(self.rows(), self.out/'metrics.png')
-            atomic_write_text(self.out/'results.json', json.dumps(summary, indent=1))
+            write_results(self.out/'results.json', summary)
             if self.tracker is not None: self.tracker.close(); self.tracker = None
         barrier()
         return summary

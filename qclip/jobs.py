@@ -11,10 +11,10 @@ from .core import LOCK_ENV, RunLockedError, atomic_write_text, lock_holder, run_
 from .distributed import LAUNCH_ENV
 
 # %% auto #0
-__all__ = ['RESOURCES', 'environ', 'launch_env', 'execute_notebook', 'expand_grid', 'run_name', 'merge_spec', 'read_spec',
-           'load_experiment', 'notebook_params', 'check_run_params', 'run_status', 'start_run', 'run_one',
-           'run_one_process', 'cpu_count', 'NotebookJob', 'slurm_executor', 'stage_plan', 'run_experiment',
-           'slurm_dependency', 'main']
+__all__ = ['RESOURCES', 'MAX_SPEC_BYTES', 'MAX_SPEC_VALUES', 'MAX_RUNS', 'environ', 'launch_env', 'execute_notebook',
+           'expand_grid', 'run_name', 'merge_spec', 'load_yaml', 'read_spec', 'load_experiment', 'notebook_params',
+           'check_run_params', 'run_status', 'start_run', 'run_one', 'run_one_process', 'cpu_count', 'NotebookJob',
+           'slurm_executor', 'stage_plan', 'run_experiment', 'slurm_dependency', 'main']
 
 # %% ../nbs/07a_jobs.ipynb #752faa2e
 @contextlib.contextmanager
@@ -76,6 +76,11 @@ RESOURCES = dict(nproc_per_node=1, nodes=1, gpus_per_node=0, cpus_per_task=None,
 _TOP = {'notebook', 'out_root', 'params', 'grid', 'resources', 'description', 'stages', 'profiles', 'paper', 'extends'}
 _STAGE = {'notebook', 'params', 'grid', 'resources', 'after', 'as', 'gather', 'select', 'link', 'weights'}
 
+# %% ../nbs/07a_jobs.ipynb #e7b81202
+MAX_SPEC_BYTES = 1 << 20    # an experiment or parameters yaml: bytes read (the largest in experiments/ is a few kB)
+MAX_SPEC_VALUES = 1_000_000 # ... values it holds once every YAML alias (*name) is expanded
+MAX_RUNS = 1_000_000        # grid cells of one stage before de-duplication
+
 # %% ../nbs/07a_jobs.ipynb #010789f8
 def _check_grid(grid, where:str):
     "A grid is a mapping of parameter -> value or list of values, or a list of such mappings."
@@ -88,17 +93,30 @@ def _check_grid(grid, where:str):
                 raise ValueError(f"{at}.{k} is {v!r}; expected a value or a list of values, not a mapping "
                                  "(a mapping-valued parameter goes in 'params')")
 
+def _canon(v):
+    "A hashable form of a YAML value, equal to another's exactly when the values are equal (`==`)."
+    if isinstance(v, dict): return (dict, frozenset((k, _canon(x)) for k, x in v.items()))
+    if isinstance(v, (list, tuple)): return (type(v), tuple(map(_canon, v)))
+    if isinstance(v, (set, frozenset)): return (frozenset, frozenset(map(_canon, v)))
+    return v
+
 def expand_grid(grid, where:str='')->list[dict]:
-    "All parameter combinations of a grid: a mapping of lists (product) or a list of them (union)."
+    "All parameter combinations of a grid: a mapping of lists (product) or a list of them (union), each once."
     if not grid: return [{}]
     _check_grid(grid, where)
     if isinstance(grid, dict): grid = [grid]
-    out = []
+    n = 0
+    for g in grid:
+        cells = 1
+        for v in g.values(): cells *= len(v) if isinstance(v, list) else 1
+        n += cells
+    if n > MAX_RUNS: raise ValueError(f"{where}grid makes {n:,} runs; expected at most {MAX_RUNS:,}")
+    out, seen = [], set()
     for g in grid:
         keys = list(g)
         for vals in itertools.product(*[v if isinstance(v, list) else [v] for v in g.values()]):
             d = dict(zip(keys, vals))
-            if d not in out: out.append(d)
+            if (c := _canon(d)) not in seen: seen.add(c); out.append(d)  # a hash lookup, not a scan of `out`
     return out
 
 # %% ../nbs/07a_jobs.ipynb #6f5076f7
@@ -127,13 +145,43 @@ def _yaml_error(e:Exception)->str:
 def _need(value, kind, what:str, where:str):
     if value is not None and not isinstance(value, kind): raise ValueError(f"{where} is {value!r}; expected {what}")
 
+# %% ../nbs/07a_jobs.ipynb #1748fe61
+def _expanded_size(x, limit:int)->int:
+    """Values in `x` with every YAML alias expanded (a list or mapping counted at each place it is used), computed
+    without expanding; stops once past `limit`."""
+    memo, busy = {}, set()
+    def size(v):
+        if not isinstance(v, (dict, list)): return 1
+        if id(v) in memo: return memo[id(v)]
+        if id(v) in busy: return limit + 1  # an alias inside its own anchor: endless
+        busy.add(id(v)); n = 1
+        for c in (v.values() if isinstance(v, dict) else v):
+            n += size(c)
+            if n > limit: break
+        busy.discard(id(v)); memo[id(v)] = n
+        return n
+    return size(x)
+
+def load_yaml(path, what:str):
+    ("A yaml file's value (`safe_load`), refused in one line starting with `what` when it is over `MAX_SPEC_BYTES`, "
+     "not valid YAML, or its aliases expand past `MAX_SPEC_VALUES` values.")
+    with open(path, 'rb') as f: data = f.read(MAX_SPEC_BYTES + 1)  # never more: a huge file or a device is not read
+    if len(data) > MAX_SPEC_BYTES:
+        raise ValueError(f"{what}: larger than {MAX_SPEC_BYTES:,} bytes; expected a yaml of at most that size")
+    try: v = yaml.safe_load(data)
+    except yaml.YAMLError as e: raise ValueError(f"{what}: {_yaml_error(e)}") from None
+    except RecursionError: raise ValueError(f"{what}: nested too deeply; expected a plain yaml") from None
+    if _expanded_size(v, MAX_SPEC_VALUES) > MAX_SPEC_VALUES:
+        raise ValueError(f"{what}: its YAML aliases (*name) expand to more than {MAX_SPEC_VALUES:,} values; expected "
+                         "a yaml whose anchors and aliases expand to fewer")
+    return v
+
 # %% ../nbs/07a_jobs.ipynb #e38cbc15
 def read_spec(path, _seen:tuple=())->dict:
     "The mapping of an experiment yaml, with the spec it `extends` (a path relative to it) merged underneath."
     path = Path(path)
     if not path.is_file(): raise FileNotFoundError(f"experiment file {str(path)!r} does not exist")
-    try: spec = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e: raise ValueError(f"{path}: {_yaml_error(e)}") from None
+    spec = load_yaml(path, str(path))  # bounded: size, and what its aliases expand to
     spec = {} if spec is None else spec
     if not isinstance(spec, dict):
         raise ValueError(f"{path}: expected a mapping of keys ({', '.join(sorted(_TOP))}); got {spec!r}")
@@ -191,6 +239,31 @@ def _weights_runs(path:Path, sname:str, st:dict)->list[dict]:
     return [dict(name=f"{sname}/dataset={k}", stage=sname, values={'dataset': str(k)}, params=dict(v), weights=True)
             for k, v in w.items()]
 
+# %% ../nbs/07a_jobs.ipynb #7bd89a2d
+_STAGE_NAME = re.compile(r'[A-Za-z0-9_][A-Za-z0-9_.+=-]*')
+
+def _check_stage_name(path:Path, sname):
+    "A stage's name is one folder under out_root: letters, digits and `_ . + = -`, not starting with a dot."
+    if not (isinstance(sname, str) and _STAGE_NAME.fullmatch(sname)):
+        raise ValueError(f"{path}: stage name {sname!r} is not valid; expected letters, digits and _ . + = - "
+                         "(it names the stage's folder under out_root), e.g. 'pretrain'")
+
+def _check_run_dirs(path:Path, out_root:Path, runs:list):
+    """Before anything starts: out_root can be a folder (nothing on its way is a file) and every run of this
+    experiment (not another's linked runs) lies inside it."""
+    for p in (out_root, *out_root.parents):  # the nearest existing one must be a folder, or mkdir fails mid-run
+        if p.exists():
+            if not p.is_dir():
+                raise ValueError(f"{path}: out_root={str(out_root)!r} cannot be a folder: {str(p)!r} is a file; "
+                                 "expected a folder or a path that does not exist yet")
+            break
+    root = os.path.normpath(os.path.abspath(out_root))
+    for r in runs:
+        d = os.path.normpath(os.path.abspath(r['dir']))
+        if not r.get('linked') and (d == root or os.path.commonpath([root, d]) != root):
+            raise ValueError(f"{path}: run {r['name']!r} would write to {d}, outside out_root={str(out_root)!r}; "
+                             "expected every run folder inside out_root")
+
 # %% ../nbs/07a_jobs.ipynb #e619915a
 def load_experiment(path, profile:str|None=None, _seen:tuple=())->dict:
     """An experiment yaml, checked, with its runs expanded:
@@ -217,11 +290,13 @@ def load_experiment(path, profile:str|None=None, _seen:tuple=())->dict:
     bad = set(spec.get('resources') or {}) - set(RESOURCES)
     if bad: raise ValueError(f"{path}: unknown resource(s) {sorted(bad)}; accepted: {', '.join(RESOURCES)}")
     res = {**RESOURCES, **(spec.get('resources') or {})}
+    _need(spec.get('out_root'), str, 'a folder path', f"{path}: out_root")
     out_root = Path(spec.get('out_root') or Path('runs')/(path.stem + (f'-{profile}' if profile else '')))
     runs, by_stage = [], {}
     dropped = {k for k, v in stages.items() if v is None}
     stages = {k: v for k, v in stages.items() if v is not None}  # a profile drops a stage by setting it to null
     for sname, st in stages.items():
+        if not single: _check_stage_name(path, sname)  # it names a folder (one notebook's runs sit in out_root)
         _need(st, dict, f"a mapping with keys {', '.join(sorted(_STAGE))}", f"{path}: stages.{sname}")
         for k in ('params', 'resources'): _need(st.get(k), dict, 'a mapping', f"{path}: stages.{sname}.{k}")
         if set(st) - _STAGE: raise ValueError(f"{path}: stage {sname!r}: unknown key(s) {sorted(set(st) - _STAGE)}; "
@@ -280,6 +355,7 @@ def load_experiment(path, profile:str|None=None, _seen:tuple=())->dict:
                 runs.append(r); by_stage[sname].append(r)
     names = [r['name'] for r in runs]
     if len(set(names)) != len(names): raise ValueError(f"{path}: two grid cells map to the same run folder")
+    _check_run_dirs(path, out_root, runs)
     return dict(out_root=out_root, resources=res, runs=runs, path=str(path), profile=profile,
                 notebook=runs[0]['notebook'] if single and runs else None, description=spec.get('description', ''),
                 weights={s: [u for u in v if u.get('weights')] for s, v in by_stage.items()
@@ -463,6 +539,9 @@ def run_experiment(
     check_run_params(e)  # a misspelled parameter fails here, before any run starts
     status, submitted = {}, {}
     stages = None if not only else set(only.split(','))
+    if (missing := _missing_weights(e, stages)) and not dry_run:  # refused before any run starts or leaves a folder
+        raise ValueError(f"{path}: {', '.join(missing)} does not exist; expected the weights file there before the "
+                         "runs after it start (or leave those stages out with --only)")
     if jobs > 1 and not slurm and not dry_run:
         return _run_side_by_side([r for r in e['runs']
                                   if (stages is None or r['stage'] in stages) and not r.get('linked')],
@@ -594,6 +673,17 @@ def _locked(r:dict, status:dict)->bool:
           flush=True)
     status[r['name']] = 'locked'
     return True
+
+# %% ../nbs/07a_jobs.ipynb #1737b1cc
+def _missing_weights(e:dict, stages:set|None)->list[str]:
+    """`stages.<stage>.weights.<row>.encoder='<file>'` of each weights file not on this machine that a run to do here
+    (of `stages`, None: all) reads."""
+    todo = [r for r in e['runs'] if (stages is None or r['stage'] in stages) and not r.get('linked')]
+    read = {str(v) for r in todo for v in r['params'].values()}
+    return [f"stages.{s}.weights.{w['values']['dataset']}.encoder={str(w['params']['encoder'])!r}"
+            for s, ws in e['weights'].items() for w in ws
+            if not Path(str(w['params']['encoder'])).expanduser().exists()
+            and (stages is None or s in stages or str(w['params']['encoder']) in read)]
 
 # %% ../nbs/07a_jobs.ipynb #318058c7
 def slurm_dependency(job)->bool:

@@ -23,12 +23,13 @@ from .data.synth import CLASSES, SHAPES, COLOURS, synth_shards
 from .distributed import barrier, rank_world, requested_world_size, run_job, GlobalBatchNorm2d
 from .finetune import SYNTH_LABELS
 from .heads import dense_encoder, is_vit, layer_decay_groups, is_arch
+from .harness import write_results
 
 # %% auto #0
 __all__ = ['SYNTH', 'LAYOUTS', 'RECIPES', 'PALETTE', 'JOB_KEYS', 'mm_safe_globals', 'load_from_local', 'QCLIPBackbone',
            'QCLIPViT', 'QCLIPMCi', 'QCLIPLayerDecayConstructor', 'check_layout', 'synth_ade20k', 'synth_coco',
-           'resolve_recipe', 'mm_config', 'check_global_batch', 'mm_distributed', 'run_mm', 'mm_losses', 'plot_losses',
-           'dense_job']
+           'resolve_recipe', 'mm_config', 'check_global_batch', 'mm_distributed', 'resume_point', 'run_mm', 'mm_losses',
+           'plot_losses', 'dense_job']
 
 # %% ../nbs/08b_mm.ipynb #a15fea32
 def _buffer_method(obj, name:str):
@@ -551,11 +552,37 @@ def _global_bn(d):
     elif isinstance(d, (list, tuple)):
         for v in d: _global_bn(v)
 
+# %% ../nbs/08b_mm.ipynb #a0677dba
+def resume_point(cfg:Config)->Config:
+    ("`cfg` with the checkpoint a resumed run continues from made explicit: `last_checkpoint`'s file taken inside this "
+     "work dir; a `load_from` already at the end of the schedule refused.")
+    cfg = copy.deepcopy(cfg)
+    if not cfg.get('resume'): return cfg
+    if cfg.get('load_from'):  # resume a given checkpoint: only if something is left to train
+        meta, tc = load_from_local(str(cfg.load_from), 'cpu').get('meta') or {}, cfg.train_cfg
+        done, end, unit = ((meta.get('iter'), tc.get('max_iters'), 'iteration') if 'max_iters' in tc
+                           else (meta.get('epoch'), tc.get('max_epochs'), 'epoch'))
+        if done is not None and end is not None and done >= end:
+            raise ValueError(f"load_from={str(cfg.load_from)!r} is a checkpoint at {unit} {done}, the end of this "
+                             f"schedule ({end}): resume=True would continue it and train nothing; pass resume=False "
+                             f"to train from its weights, or a longer schedule to continue it")
+        return cfg
+    f = Path(cfg.work_dir)/'last_checkpoint'
+    if not f.is_file(): return cfg  # no checkpoint yet: the Runner starts at iteration 0
+    named = f.read_text().strip()
+    own = Path(cfg.work_dir)/Path(named).name  # mmengine saves checkpoints in the work dir itself
+    if named and own.is_file(): cfg.load_from = str(own)  # resume=True with load_from: resume from this file
+    else:
+        print(f"ignoring {f}: it names {named!r}, which is not a checkpoint in this work dir; training from the start",
+              flush=True)
+        cfg.resume = False
+    return cfg
+
 # %% ../nbs/08b_mm.ipynb #5925bc38
 def run_mm(cfg:Config)->dict:
     "Train and test with mmengine's `Runner`; the test metrics, names without their `coco/` prefix."
     from mmengine.runner import Runner
-    cfg = copy.deepcopy(cfg)
+    cfg = resume_point(cfg)  # a copy; last_checkpoint read inside this work dir, a finished load_from refused
     if rank_world()[1] > 1: cfg = mm_distributed(cfg, dist.get_backend())  # one job over the process group qclip joined
     cfg.experiment_name = (f"{cfg.get('qclip', {}).get('recipe', 'mm')}_{time.strftime('%Y%m%d_%H%M%S')}_"
                            f"{os.getpid()}_{time.time_ns() % 10**6}")
@@ -658,7 +685,7 @@ def _dense_run(p:dict)->dict:
             else tuple(k for k in metrics if k.startswith(('bbox_', 'segm_'))))
     results = {k: metrics[k] for k in keep if k in metrics}
     if rank == 0:
-        atomic_write_text(out/'results.json', json.dumps(results, indent=1))
+        write_results(out/'results.json', results)  # strict JSON: a NaN metric is null
         plot_losses(out/'work_dir', out/'loss.png', title=f"{p['recipe']}: {job.get('encoder') or r['encoder']}")
     return results
 

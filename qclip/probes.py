@@ -13,8 +13,8 @@ from .models import CLIP_MODELS, create_clip, feature_maps, get_tokenizer, load_
 from .heads import load_encoder, pooled_tower, depth_metrics, set_img_size
 from .data.synth import SYNTH_DATASETS, CLASSES
 from .finetune import SYNTH_LABELS, synth_arrays, _norm
-from .train import retrieval
-from .harness import run_device
+from .train import retrieval, recall_ranks
+from .harness import run_device, nonfinite, write_results
 from .tracking import Tracker, check_report_to
 
 # %% auto #0
@@ -319,7 +319,7 @@ def zero_shot(
     hits = 0
     for i in range(0, len(images), batch_size):
         v = F.normalize(clip.encode_image(images[i:i + batch_size]).float(), dim=-1)
-        hits += ((v @ t.T).argmax(1) == y[i:i + batch_size]).sum().item()
+        hits += (recall_ranks(v @ t.T, y[i:i + batch_size]) == 0).sum().item()  # a tie or a NaN is a miss
     return 100 * hits / len(images)
 
 # %% ../nbs/08c_probes.ipynb #b0d1e001
@@ -407,6 +407,9 @@ def probe_encoder(**params)->dict:
     with run_lock(p['out_dir']) as out:
         dev, t0 = run_device(p['device']), time.time()
         tower, clip, arch = _models(p)
+        if (bad := nonfinite(clip or tower)) is not None:  # a diverged run's weights: every read-out would be noise
+            raise ValueError(f"encoder={p['encoder']!r} holds non-finite weights ({bad} has NaN or infinity); "
+                             "expected a finite checkpoint (train that run again with a lower lr)")
         norm = _norm(tower)
         tr = synth_arrays(p['dataset'], 'train', p['synth_n'])
         # the same images in every synth dataset; its captions are faithful
@@ -435,7 +438,7 @@ def probe_encoder(**params)->dict:
                    seconds=round(time.time() - t0, 1))
         atomic_write_text(out/'params.yaml', yaml.safe_dump(p, sort_keys=False))
         _show_dense(Mtr[:n], tr, Mva, va, out/'probes.png', s['lam'], d['lam'])
-        atomic_write_text(out/'results.json', json.dumps(res, indent=1))
+        write_results(out/'results.json', res)  # strict JSON: a NaN read-out is null
         if p['report_to']:  # the read-outs of a frozen encoder: one point each, at step 0
             t = Tracker(p['report_to'], out, p); t.log(dict(step=0, **res)); t.close()
     return res

@@ -27,8 +27,8 @@ from .distributed import (run_job, all_reduce_mean, barrier, unwrap, fsdp_wrap,
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 # %% auto #0
-__all__ = ['PRETRAIN_DEFAULTS', 'PRECISIONS', 'check_params', 'param_groups', 'cosine_lr', 'autocast', 'clip_step', 'retrieval',
-           'plot_metrics', 'BadTally', 'pretrain', 'parse_overrides', 'pretrain_cli']
+__all__ = ['PRETRAIN_DEFAULTS', 'PRECISIONS', 'check_params', 'param_groups', 'cosine_lr', 'autocast', 'clip_step',
+           'recall_ranks', 'retrieval', 'plot_metrics', 'BadTally', 'pretrain', 'parse_overrides', 'pretrain_cli']
 
 # %% ../nbs/06_train.ipynb #c15c65a6
 PRETRAIN_DEFAULTS = dict(
@@ -158,6 +158,17 @@ def clip_step(model, images, texts, loss_fn,
     clamp_logit_scale_(unwrap(model))
     return loss.detach()
 
+# %% ../nbs/06_train.ipynb #1b445646
+def recall_ranks(
+    scores:torch.Tensor, # [N, M] scores of N queries against M candidates (NaN: no score)
+    target:torch.Tensor, # [N] the index of each query's right candidate
+)->torch.Tensor:         # [N] the wrong candidates that score at least as high as the right one (M when it is NaN)
+    "Each query's rank of its right candidate, counted so that a tie or a NaN is a miss (recall@k: rank < k)."
+    pos = scores.gather(1, target[:, None])  # [N, 1]
+    worse = (scores >= pos) | scores.isnan()  # a wrong candidate that ties (or has no score) is not beaten
+    worse.scatter_(1, target[:, None], False)
+    return torch.where(pos[:, 0].isnan(), scores.shape[1], worse.sum(1))
+
 # %% ../nbs/06_train.ipynb #086bd423
 @torch.no_grad()
 def retrieval(model, batches, device, precision='fp32')->dict:
@@ -172,8 +183,7 @@ def retrieval(model, batches, device, precision='fp32')->dict:
     img, txt = torch.cat(imgs), torch.cat(txts)
     sim, n = img @ txt.T, len(img)
     gt = torch.arange(n, device=sim.device)
-    rank_of = lambda s: (s > s[gt, gt][:, None]).sum(1)  # how many candidates score above the right one
-    ri, rt = rank_of(sim), rank_of(sim.T)
+    ri, rt = recall_ranks(sim, gt), recall_ranks(sim.T, gt)  # a tie or a NaN score is a miss
     return dict(val_i2t_r1=(ri < 1).float().mean().item(), val_t2i_r1=(rt < 1).float().mean().item(),
                 val_i2t_r5=(ri < 5).float().mean().item(), val_t2i_r5=(rt < 5).float().mean().item(), val_n=n)
 
@@ -334,6 +344,7 @@ def _train_chunk(p:dict, data, m, run:RunFolder, tally:BadTally, step:int, dev, 
                          teacher=(b['image_emb'], b['text_emb'].transpose(0, 1)) if p['w1'] > 0 else None,
                          augment=None if m.ra is None else  # RangeAugment's draws: a function of (seed, rank, step)
                              (lambda x, s=step: m.ra_net(x, s, p['steps'], seed=p['seed'] * 100_003 + rank)))
+        run.check_finite(step + 1, loss=loss)  # a NaN or infinite loss stops the run here (its checkpoint kept)
         if m.ema is not None: m.ema.update(m.model, step=step)
         step, meter.n = step + 1, meter.n + len(b['images']) * world
         bar.update(1)
@@ -344,7 +355,8 @@ def _train_chunk(p:dict, data, m, run:RunFolder, tally:BadTally, step:int, dev, 
             # under FSDP every rank takes part
             ev = _evaluate(p, data, m, dev) if c.eval and (rank == 0 or m.fsdp) else {}
             if rank == 0:
-                run.append(step=step, loss=loss, lr=lr, logit_scale=m.model.logit_scale.exp().item(),
+                ls = run.check_finite(step, logit_scale=m.model.logit_scale.exp())['logit_scale']  # NaN weights stop it
+                run.append(step=step, loss=loss, lr=lr, logit_scale=ls,
                            samples_per_s=meter.n / dt, samples_seen=step * p['batch_size'] * world, **tally.row(), **ev)
                 bar.set_postfix(loss=f"{loss:.3f}", **({'R@1': f"{ev['val_i2t_r1']:.2f}"} if ev else {}))
             meter.t, meter.n = time.perf_counter(), 0

@@ -1,5 +1,5 @@
 "The downstream jobs as users run them: papermill on nbs/20_classification.ipynb and nbs/23_depth.ipynb."
-import json, math, os, time
+import json, math, os, re, time
 from pathlib import Path
 import papermill as pm, pytest, torch, yaml
 
@@ -43,6 +43,24 @@ def test_depth_job(tmp_path):
     for k in ('rmse', 'abs_rel', 'sq_rel', 'rmse_log', 'log10', 'silog', 'd1', 'd2', 'd3'): assert math.isfinite(r[k]), k
     assert 0 <= r['d1'] <= r['d2'] <= r['d3'] <= 1
 
+@pytest.mark.parametrize('nb,params', [(CLS, {}), (DEPTH, dict(encoder='tiny-mci'))])
+def test_diverged_run_stops_keeping_its_last_finite_checkpoint(tmp_path, nb, params):
+    """lr=1e3 (a typo for 1e-3) makes the weights NaN within a few steps (for depth first the batch-norm statistics,
+    while the training loss still looks finite): the job stops there in one line, papermill fails, the checkpoint on
+    disk is the last finite one, and no results.json is written (it said rmse NaN, or a score of a NaN model)."""
+    out = tmp_path/'run'
+    with pytest.raises(pm.PapermillExecutionError) as e:
+        _run(nb, tmp_path, out_dir=str(out), **{**TINY, 'steps': 6, 'ckpt_every': 1, 'lr': 1e3, **params})
+    assert e.value.ename == 'DivergedError', str(e.value)[-2000:]
+    m = re.fullmatch(r"training diverged: (.+?) at step (\d+); stopped, the last finite checkpoint (\S+) \(step (\d+)\) "
+                     r"is kept; lr=1000.0 is likely too high.*; lower lr", e.value.evalue)
+    assert m and m[3] == str(out/'checkpoint.pt'), e.value.evalue
+    from qclip.core import load_checkpoint
+    from qclip.harness import nonfinite
+    ck = load_checkpoint(out/'checkpoint.pt')
+    assert ck['step'] == int(m[4]) < int(m[2]) and nonfinite(ck['model']) is None
+    assert not (out/'results.json').exists()
+
 def test_real_layouts(tmp_path):
     "Tiny fake ImageNet class folders and a NYUv2 tree in the BTS layout go through the jobs' real-data path."
     from qclip.finetune import fake_imagenet, fake_nyuv2
@@ -68,6 +86,10 @@ def wrong_arch_weights(tmp_path_factory):
     (DEPTH, dict(dataset='nyuv2', data_root='/no/nyu'), "data_root='/no/nyu': no NYUv2 there; expected the layout root/sync/<scene>/rgb_XXXXX.jpg"),
     (CLS, dict(mode='probe'), "mode='probe' is not valid; expected one of: finetune, linear"),
     (DEPTH, dict(layer_decay=1.5), "layer_decay=1.5 is not valid"),
+    (CLS, dict(lr=float('inf')), "lr=inf is not valid; expected a positive number, not NaN or infinity"),
+    (DEPTH, dict(weight_decay=float('nan')), "weight_decay=nan is not valid"),
+    (DEPTH, dict(min_lr=float('nan')), "min_lr=nan is not valid"),
+    (CLS, dict(grad_clip=float('nan')), "grad_clip=nan is not valid"),
     (CLS, dict(encoder='WEIGHTS', arch='tiny-mci'), "checkpoint tiny_vit.safetensors does not fit arch 'tiny-mci'"),
     (DEPTH, dict(encoder='WEIGHTS'), "does not name its architecture; pass arch="),
 ])

@@ -157,3 +157,42 @@ def test_mmengine_checkpoints_still_resume(tmp_path):
     last = sorted((out/'work_dir').glob('*/vis_data/scalars.json'))[-1]
     assert [json.loads(l)['iter'] for l in last.read_text().splitlines() if 'loss' in l] == [3]  # resumed after 2
     assert all(0 <= v <= 100 for k, v in res.items() if 'mAP' in k), res  # mAP in %, as every job reports
+
+def _iters_trained(work_dir):
+    "Iterations each Runner run in `work_dir` trained, in order of the runs."
+    return [[json.loads(l)['iter'] for l in f.read_text().splitlines() if 'loss' in l]
+            for f in sorted(Path(work_dir).glob('*/vis_data/scalars.json'))]
+
+def test_copied_run_folder_resumes_its_own_checkpoint(tmp_path):
+    """mmengine's `last_checkpoint` holds an absolute path: a run folder moved elsewhere resumed from the original's
+    checkpoint (and failed once that was gone). It resumes from its own copy; a name outside it is never followed."""
+    import shutil
+    job = dict(task='seg', recipe='upernet-vit-small', encoder='tiny-vit', device='cpu',
+               cfg_options={'default_hooks.logger.interval': 1}, **{k: v for k, v in TINY.items() if k != 'iters'})
+    qm.dense_job(**job, out_dir=tmp_path/'a', iters=2)
+    shutil.copytree(tmp_path/'a', tmp_path/'b'); shutil.rmtree(tmp_path/'a')  # moved: the original is gone
+    assert str(tmp_path/'a') in (tmp_path/'b'/'work_dir'/'last_checkpoint').read_text()
+    (tmp_path/'b'/'results.json').unlink()
+    qm.dense_job(**job, out_dir=tmp_path/'b', iters=3)
+    assert _iters_trained(tmp_path/'b'/'work_dir')[-1] == [3]  # resumed after iteration 2, from b's own file
+    assert (tmp_path/'b'/'work_dir'/'last_checkpoint').read_text().strip() == str(tmp_path/'b'/'work_dir'/'iter_3.pth')
+    # a last_checkpoint naming a file that is not in the run folder is ignored: the run starts from iteration 0
+    (tmp_path/'b'/'work_dir'/'last_checkpoint').write_text(str(tmp_path/'elsewhere'/'iter_9.pth'))
+    qm.dense_job(**job, out_dir=tmp_path/'b', iters=2)
+    assert _iters_trained(tmp_path/'b'/'work_dir')[-1] == [1, 2]
+
+def test_load_from_a_finished_checkpoint_is_one_clear_line(tmp_path):
+    """`load_from` a checkpoint already at `iters` (resume=True, the default) trained nothing, wrote results.json, then
+    failed on the empty loss log; it is refused in one line before anything is written, naming both ways on."""
+    job, log = dict(recipe='upernet-vit-small', encoder='tiny-vit', device='cpu', **{**TINY, 'iters': 2}), \
+        {'default_hooks.logger.interval': 1}
+    qm.dense_job('seg', **job, out_dir=tmp_path/'a')
+    ck = tmp_path/'a'/'work_dir'/'iter_2.pth'
+    with pytest.raises(ValueError) as e:
+        qm.dense_job('seg', **job, out_dir=tmp_path/'b', cfg_options={'load_from': str(ck), **log})
+    assert str(e.value) == (f"load_from='{ck}' is a checkpoint at iteration 2, the end of this schedule (2): resume=True "
+                            "would continue it and train nothing; pass resume=False to train from its weights, or a "
+                            "longer schedule to continue it")
+    assert not (tmp_path/'b'/'results.json').exists()
+    res = qm.dense_job('seg', **job, out_dir=tmp_path/'c', cfg_options={'load_from': str(ck), **log}, resume=False)
+    assert _iters_trained(tmp_path/'c'/'work_dir') == [[1, 2]] and 'mIoU' in res  # trained from its weights

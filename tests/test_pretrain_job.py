@@ -1,5 +1,5 @@
 "The main job as users run it: papermill on nbs/10_pretrain.ipynb, and the qclip_pretrain command."
-import json, os, signal, subprocess, sys, time
+import json, os, re, signal, subprocess, sys, time
 from pathlib import Path
 import papermill as pm, pytest, torch, yaml
 from safetensors.torch import load_file
@@ -49,6 +49,12 @@ def test_zero_steps_writes_the_untrained_model(tmp_path):
     (dict(steps=-5), 'steps=-5 is not valid; expected a non-negative integer'),
     (dict(batch_size=-1), 'batch_size=-1 is not valid'),
     (dict(dataset='datacompdr', data_root='/nonexistent/shards'), "no webdataset shards (*.tar, or train/*.tar) found at '/nonexistent/shards'"),
+    # NaN passes `<` and `==`, inf is positive: both trained before (a NaN loss, NaN weights, recall 1.0)
+    (dict(lr=float('inf')), 'lr=inf is not valid; expected a positive number, not NaN or infinity'),
+    (dict(lr=float('nan')), 'lr=nan is not valid'),
+    (dict(weight_decay=float('nan')), 'weight_decay=nan is not valid'),
+    (dict(grad_clip=float('nan')), 'grad_clip=nan is not valid'),
+    (dict(min_lr=float('nan')), 'min_lr=nan is not valid'),
 ])
 def test_bad_input_fails_fast(tmp_path, params, message):
     t0 = time.perf_counter()
@@ -56,6 +62,27 @@ def test_bad_input_fails_fast(tmp_path, params, message):
     assert message in str(e.value)
     assert time.perf_counter() - t0 < 60
     assert not (tmp_path/'run'/'checkpoint.pt').exists()
+
+def test_diverged_run_stops_keeping_its_last_finite_checkpoint(tmp_path):
+    """`papermill ... -p lr 1e3` (a typo for 1e-3) diverges within a few steps: the run stops there with one line (the
+    step, the value, the checkpoint kept, the likely cause) and papermill exits non-zero; the checkpoint on disk is the
+    last finite one, and no results.json claims a score."""
+    out, params = tmp_path/'run', {**TINY, 'ckpt_every': 1, 'lr': '1e3'}
+    cmd = [str(Path(sys.executable).with_name('papermill')), str(NB), str(tmp_path/'out.ipynb'), '--cwd', str(tmp_path),
+           '-p', 'out_dir', str(out), *[a for k, v in params.items() for a in ('-p', k, str(v))]]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert p.returncode != 0, p.stderr[-2000:]
+    line = next((l for l in p.stderr.splitlines() if l.startswith('DivergedError: ')), None)
+    assert line, p.stderr[-3000:]
+    m = re.fullmatch(r"DivergedError: training diverged: (.+?) at step (\d+); stopped, the last finite checkpoint "
+                     r"(\S+) \(step (\d+)\) is kept; lr=1000.0 is likely too high \(the default is 0.001\); lower lr", line)
+    assert m, line
+    assert m[1].endswith(('=nan', '=inf', '=-inf', ' is not finite')) and m[3] == str(out/'checkpoint.pt')
+    from qclip.core import load_checkpoint
+    from qclip.harness import nonfinite
+    ck = load_checkpoint(out/'checkpoint.pt')
+    assert ck['step'] == int(m[4]) < int(m[2]) and nonfinite(ck['model']) is None  # never overwritten with NaN weights
+    assert not (out/'results.json').exists() and not (out/'model.safetensors').exists()
 
 def test_missing_data_says_how_to_run_builtin(tmp_path, monkeypatch):
     monkeypatch.setenv('QCLIP_DATA', str(tmp_path/'data'))

@@ -106,3 +106,77 @@ def test_stopping_qclip_run_stops_its_runs_and_they_resume(tmp_path):
     for s in (0, 1):
         assert json.loads((runs/f'seed={s}'/'results.json').read_text())['steps'] == 150
         assert 'resuming from' in (runs/f'seed={s}'/'notebook.ipynb').read_text()
+
+def _one_line_refusal(r, *parts):
+    "`qclip run` refused the spec: exit 2, one line on stderr (no traceback) holding each of `parts`."
+    assert r.returncode == 2, (r.returncode, r.stdout[-2000:], r.stderr[-3000:])
+    lines = [l for l in r.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1 and lines[0].startswith('qclip run: '), r.stderr[-3000:]
+    for p in parts: assert p in lines[0], lines[0]
+    return lines[0]
+
+TINY_PRE = dict(steps=0, batch_size=8, synth_n=256, synth_val=64, workers=0)
+
+def test_stage_name_cannot_escape_out_root(tmp_path):
+    "A stage called '../../../x' wrote a whole run three folders above out_root; it is refused before anything starts."
+    cwd = tmp_path/'a'/'b'/'c'; cwd.mkdir(parents=True)
+    spec = dict(out_root='runs', stages={'../../../x': dict(notebook=str(ROOT/'nbs'/'10_pretrain.ipynb'), params=TINY_PRE)})
+    (cwd/'esc.yaml').write_text(yaml.safe_dump(spec))
+    _one_line_refusal(_qclip('run', 'esc.yaml', cwd=cwd), "stage name '../../../x' is not valid")
+    assert sorted(p.name for p in tmp_path.rglob('*')) == ['a', 'b', 'c', 'esc.yaml']  # nothing written anywhere
+
+def test_out_root_that_is_a_file_is_one_line(tmp_path):
+    (tmp_path/'taken').write_text('a file, not a folder\n')
+    spec = dict(notebook=str(ROOT/'nbs'/'10_pretrain.ipynb'), out_root='taken', params=TINY_PRE)
+    (tmp_path/'f.yaml').write_text(yaml.safe_dump(spec))
+    _one_line_refusal(_qclip('run', 'f.yaml', cwd=tmp_path), "out_root='taken' cannot be a folder: 'taken' is a file")
+
+def test_missing_weights_refused_before_any_run(tmp_path):
+    "A `weights:` file that is not there stops `qclip run` before the runs before and after it start or leave folders."
+    nb = str(ROOT/'nbs'/'20_classification.ipynb')
+    spec = dict(out_root='runs/w', stages=dict(
+        pre=dict(notebook=str(ROOT/'nbs'/'10_pretrain.ipynb'), params=TINY_PRE),
+        ext=dict(weights={'openai': dict(encoder=str(tmp_path/'no'/'openai.safetensors'), arch='tiny-vit')}),
+        linear=dict(notebook=nb, after=['pre', 'ext'], params=dict(mode='linear', steps=1, batch_size=8, warmup=1))))
+    (tmp_path/'w.yaml').write_text(yaml.safe_dump(spec, sort_keys=False))
+    _one_line_refusal(_qclip('run', 'w.yaml', cwd=tmp_path),
+                      f"stages.ext.weights.openai.encoder='{tmp_path/'no'/'openai.safetensors'}' does not exist")
+    assert not (tmp_path/'runs').exists()
+
+def _limited(max_bytes):
+    import resource
+    return lambda: resource.setrlimit(resource.RLIMIT_DATA, (max_bytes, max_bytes))
+
+def test_alias_bomb_refused_quickly_in_bounded_memory(tmp_path):
+    """A 'billion laughs' parameter (10^9 values in 500 bytes) hung `qclip run` past 2.7 GB; it is refused in one line,
+    well inside 1.5 GB of heap (the interpreter with torch takes ~0.8 GB) and a generous time limit."""
+    bomb = 'a: &a [x, x, x, x, x, x, x, x, x, x]\n' + ''.join(
+        f"{c}: &{c} [{', '.join([f'*{p}'] * 10)}]\n" for p, c in zip('abcdefgh', 'bcdefghi'))
+    (tmp_path/'bomb.yaml').write_text(f"notebook: {ROOT/'nbs'/'10_pretrain.ipynb'}\ndescription:\n"
+                                      + ''.join('  ' + l + '\n' for l in bomb.splitlines()) + 'params: {data_root: *i}\n')
+    r = subprocess.run([str(BIN/'qclip'), 'run', 'bomb.yaml'], capture_output=True, text=True, cwd=tmp_path, timeout=300,
+                       preexec_fn=_limited(3 << 29))
+    _one_line_refusal(r, 'bomb.yaml: its YAML aliases (*name) expand to more than 1,000,000 values')
+    assert not (tmp_path/'runs').exists()
+
+def test_oversized_spec_refused(tmp_path):
+    "A spec over 1 MiB (a 58 MB one took 4 GB before printing anything) is refused without being parsed."
+    spec = dict(notebook=str(ROOT/'nbs'/'10_pretrain.ipynb'), params=TINY_PRE, description='x' * (2 << 20))
+    (tmp_path/'big.yaml').write_text(yaml.safe_dump(spec))
+    r = subprocess.run([str(BIN/'qclip'), 'run', 'big.yaml', '--dry-run'], capture_output=True, text=True, cwd=tmp_path,
+                       timeout=300, preexec_fn=_limited(3 << 29))
+    _one_line_refusal(r, 'big.yaml: larger than 1,048,576 bytes')
+
+def test_grid_dedup_is_linear():
+    """De-duplicating a grid's union hashes each cell once: cells are compared only on a hash collision, never with
+    every earlier cell (that was quadratic: 131 s for 100,000 runs)."""
+    from qclip.jobs import expand_grid
+    class V:  # a grid value that counts the comparisons made with it
+        calls = 0
+        def __init__(self, v): self.v = v
+        def __hash__(self): return hash(self.v)
+        def __eq__(self, o): V.calls += 1; return isinstance(o, V) and self.v == o.v
+    a, b = [V(i) for i in range(100)], [V(i) for i in range(30)]
+    runs = expand_grid([dict(a=a, b=b), dict(a=a[:50], b=b)])  # 3,000 runs + 1,500 repeats of them
+    assert len(runs) == 3000 and V.calls <= 3000, V.calls  # quadratic: ~ 4.5 million
+    assert len(expand_grid([dict(a=list(range(1000)), b=list(range(100)))] * 2)) == 100_000
