@@ -7,12 +7,15 @@ from __future__ import annotations
 import io, json, math, re
 from pathlib import Path
 import numpy as np, pandas as pd, yaml
+from .analysis import (PAIRS, read_plan, plan_verdicts, gate, pair_tests, paired_t, paired_diff, wide,
+                            seeds_needed)
 
 # %% auto #0
 __all__ = ['PAPER_TABLE1', 'TABLE1_COLUMNS', 'LOWER_IS_BETTER', 'DATASET_ROWS', 'PAPER_ORDER', 'TASKS', 'RANDOM_ROW', 'SWEEP',
-           'PAIRS', 'row_name', 'collect_runs', 'best_of_sweep', 'table1_long', 'sweep_note', 'table1', 't_quantile',
-           'paired_ci', 'precondition', 'sensitivity', 'plot_sensitivity', 'verdicts', 'task_verdicts', 'side_by_side',
-           'plot_table1', 'plot_intervals', 'scaling', 'plot_scaling', 'attention_runs', 'short_name', 'plot_attention']
+           'row_name', 'collect_runs', 'best_of_sweep', 'table1_long', 'sweep_note', 'table1', 't_quantile',
+           'paired_ci', 'precondition', 'sensitivity', 'plot_sensitivity', 'plan_status', 'side_by_side', 'plot_table1',
+           'plot_intervals', 'scaling', 'plot_scaling', 'attention_runs', 'short_name', 'plot_attention',
+           'locality_note']
 
 # %% ../nbs/50_results.ipynb #bb9ec519
 PAPER_TABLE1 = pd.read_csv(io.StringIO("""\
@@ -33,20 +36,26 @@ stage,key,column,paper,task,protocol
 linear,top1,IN-1K Linear,IN-1K Linear,classification,linear probe (trained head)
 finetune,top1,IN-1K F.T.,IN-1K F.T.,classification,fine-tune
 probes,linear_object,Linear probe,IN-1K Linear,classification,frozen probe
+transfer,cls_top1,Mini-FT top-1,IN-1K F.T.,classification,miniature fine-tune
 probes,zeroshot_object,Zero-shot,,classification,"frozen, text tower"
+probes,zeroshot_heldout,Zero-shot (held-out prompts),,classification,"frozen, text tower"
 probes,retrieval_r1,Retrieval R@1,,alignment,"frozen, text tower"
+probes,retrieval_heldout_r1,Retrieval R@1 (held-out captions),,alignment,"frozen, text tower"
 detection,bbox_mAP,BBox,BBox,detection,fine-tune
 detection,segm_mAP,Mask,Mask,detection,fine-tune
+transfer,box_AP,Mini-FT box AP,BBox,detection,miniature fine-tune
 probes,box_AP,Box probe AP,BBox,detection,frozen probe
 segmentation,mIoU,mIoU,mIoU,segmentation,fine-tune
 segmentation,mAcc,mAcc,mAcc,segmentation,fine-tune
+transfer,seg_mIoU,Mini-FT mIoU,mIoU,segmentation,miniature fine-tune
 probes,seg_mIoU,Seg. probe mIoU,mIoU,segmentation,frozen probe
 depth,rmse,RMSE,RMSE,depth,fine-tune
+transfer,depth_rmse,Mini-FT RMSE,RMSE,depth,miniature fine-tune
 probes,depth_rmse,Depth probe RMSE,RMSE,depth,frozen probe
 """), dtype=str, keep_default_na=False)  # every field text; an empty `paper` (no such column in the paper) stays ''
 
 # %% ../nbs/50_results.ipynb #750f5c18
-LOWER_IS_BETTER = {'RMSE', 'Depth probe RMSE'}
+LOWER_IS_BETTER = {'RMSE', 'Depth probe RMSE', 'Mini-FT RMSE'}
 
 # %% ../nbs/50_results.ipynb #5416c018
 DATASET_ROWS = {'synth-align': 'ALIGN', 'align': 'ALIGN', 'synth-datacomp': 'DataComp', 'datacomp': 'DataComp',
@@ -112,6 +121,8 @@ def collect_runs(root)->pd.DataFrame:
                    else Path(str(yaml.safe_load((d/'run.yaml').read_text()).get('notebook', ''))).stem,
                    run=rel[-1], path=str(d))
         row.update({f'param_{k}': v for k, v in params.items() if isinstance(v, (str, int, float, bool))})
+        git = (yaml.safe_load((d/'run.yaml').read_text()) or {}).get('git') or {}  # the code the run ran (qclip run)
+        row.update(git_commit=git.get('commit'), git_dirty=git.get('dirty'))
         enc = params.get('encoder')
         if isinstance(enc, str) and (Path(enc)/'params.yaml').is_file():
             row.update({f'pre_{k}': v for k, v in _run_params(Path(enc)).items()
@@ -151,7 +162,7 @@ def table1_long(runs:pd.DataFrame, experiment:str|None=None, columns:pd.DataFram
     """One value per (row, seed, column) of Table 1 from collected runs: the best of a sweep, other repeats of an
     encoder averaged."""
     cols = TABLE1_COLUMNS if columns is None else columns
-    out = pd.DataFrame(columns=['row', 'seed', 'column', 'task', 'protocol', 'value', 'points', 'swept'])
+    out = pd.DataFrame(columns=['row', 'seed', 'column', 'task', 'protocol', 'value', 'points', 'swept', 'lower'])
     if runs.empty or 'pre_dataset' not in runs: return out
     df = runs if not experiment else runs[runs.experiment == experiment]
     parts = []
@@ -165,8 +176,9 @@ def table1_long(runs:pd.DataFrame, experiment:str|None=None, columns:pd.DataFram
                                        value=sel[c.key].values, points=sel['points'].values,
                                        swept=sel['swept'].values)))
     if not parts: return out
-    return pd.concat(parts).groupby(['row', 'seed', 'column', 'task', 'protocol'], sort=False, as_index=False).agg(
+    long = pd.concat(parts).groupby(['row', 'seed', 'column', 'task', 'protocol'], sort=False, as_index=False).agg(
         value=('value', 'mean'), points=('points', 'max'), swept=('swept', 'max'))
+    return long.assign(lower=long.column.isin(LOWER_IS_BETTER))  # the analysis reads the direction from the data
 
 # %% ../nbs/50_results.ipynb #2978aed1
 def sweep_note(long:pd.DataFrame)->str:
@@ -289,52 +301,51 @@ def plot_sensitivity(sens:pd.DataFrame, path=None):
         with atomic_path(path) as tmp: fig.savefig(tmp, format='png', dpi=110)
     return fig
 
-# %% ../nbs/50_results.ipynb #1fb9b864
-PAIRS = [('ALIGN', 'DataComp'), ('DataComp', 'DataCompDR'), ('ALIGN', 'DataCompDR')]  # (worse, better), caption quality
-
 # %% ../nbs/50_results.ipynb #d1e4d879
 def _fmt(m, lo, hi, col)->str:
     u = ' m' if col in LOWER_IS_BETTER else ''
     return f"{m:+.3g}{u} [{lo:+.3g}, {hi:+.3g}]" if pd.notna(lo) else f"{m:+.3g}{u} [n < 2]"
 
-def verdicts(long:pd.DataFrame, pre:pd.DataFrame|None=None, level:float=0.95)->pd.DataFrame:
-    "Per column: each pair's paired difference with its interval, and the verdict on the paper's ordering."
-    pre = precondition(long, level=level) if pre is None else pre
-    ok = {c: None if pd.isna(m) else bool(m) for c, m in zip(pre.column, pre.measurable)} if len(pre) else {}
-    out = []
-    for col in dict.fromkeys(long.column):
-        w = _by_seed(long, col)
-        if not all(x in w.index for x in PAPER_ORDER): continue
-        row = dict(column=col, task=long[long.column == col].task.iloc[0], measurable=ok.get(col, np.nan))
-        ci = {}
-        for a, b in PAIRS:
-            s = w.loc[[a, b]].dropna(axis=1).columns
-            ci[a, b] = paired_ci((w.loc[b, s] - w.loc[a, s]).values, level)
-            row[f'{b} - {a}'] = _fmt(*ci[a, b][:3], col)
-        adj = [ci[p] for p in PAIRS[:2]]
-        against = [f"{a} above {b}" for (a, b), (m, lo, hi, n) in ci.items() if pd.notna(hi) and hi < 0]
-        if ok.get(col) is False: v = 'not measurable at this scale: pretraining does not beat random init'
-        elif ok.get(col) is not True: v = 'not ranked: run on one seed (a smoke test)'
-        elif against: v = 'contradicts the paper: ' + ', '.join(against)
-        elif all(pd.notna(lo) and lo > 0 for _, lo, _, _ in adj): v = "reproduces the paper's ordering"
-        else:
-            done = [f"{a} < {b}" for (a, b), (m, lo, hi, n) in ci.items() if pd.notna(lo) and lo > 0]
-            v = 'unresolved at this scale' + (f" ({', '.join(done)} resolved)" if done else '')
-        out.append({**row, 'verdict': v})
-    return pd.DataFrame(out)
+# %% ../nbs/50_results.ipynb #c0a1b2c3
+def _git(repo:Path, *args)->str|None:
+    "Output of `git -C repo args`, None when git or the repository is not there or the command fails."
+    import subprocess
+    try: r = subprocess.run(['git', '-C', str(repo), *args], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError): return None
+    return r.stdout.strip() if r.returncode == 0 else None
 
-# %% ../nbs/50_results.ipynb #833c3f41
-def task_verdicts(v:pd.DataFrame)->pd.DataFrame:
-    "One line per task: the verdicts of its measurable columns, summed up."
-    out = []
-    for task, g in v.groupby('task', sort=False):
-        m = g[g.measurable == True]  # noqa: E712 (NaN: untested, not False)
-        if m.empty: s = 'not measurable at this scale'
-        elif m.verdict.str.startswith('contradicts').any(): s = 'contradicts the paper'
-        elif m.verdict.str.startswith('reproduces').all(): s = "reproduces the paper's ordering"
-        else: s = 'unresolved at this scale'
-        out.append(dict(task=task, verdict=s, columns='; '.join(f"{c}: {x}" for c, x in zip(g.column, g.verdict))))
-    return pd.DataFrame(out)
+# %% ../nbs/50_results.ipynb #c0a1b2c4
+def plan_status(
+    runs:pd.DataFrame,   # collected runs (`collect_runs`)
+    plan:dict,           # `qclip.analysis.read_plan`
+    plan_file,           # the plan's path, inside its git repository
+)->dict:                 # {'confirmatory': bool, 'reasons': [why not], 'plan_commit', 'run_commits'}
+    """Did the plan's runs follow it? Their seeds are the plan's, and each ran a clean commit that descends from the
+    plan's last change with the plan unchanged since."""
+    f, why = Path(plan_file).absolute(), []
+    repo = f.parent
+    commit = _git(repo, 'log', '-1', '--format=%H', '--', f.name)
+    if not commit: why.append(f"{f.name} is not committed (its commit must precede the runs)")
+    elif _git(repo, 'status', '--porcelain', '--', f.name): why.append(f"{f.name} has uncommitted changes")
+    sel = runs[runs.experiment.isin([plan['experiment'], plan['gate_experiment']])] if len(runs) else runs
+    if sel.empty: why.append(f"no runs of {plan['experiment']} or {plan['gate_experiment']}")
+    for exp, seeds, rows in ((plan['experiment'], plan['seeds'], list(PAPER_ORDER) + [RANDOM_ROW]),
+                             (plan['gate_experiment'], plan['gate_seeds'], ['DataCompDR', RANDOM_ROW])):
+        long = table1_long(runs, exp) if len(runs) else table1_long(runs)
+        for r in rows:
+            got = sorted(set(long[long.row == r].seed)) if len(long) else []
+            if got != sorted(seeds): why.append(f"{exp}: {r} ran seeds {got}, the plan says {sorted(seeds)}")
+    commits = set(sel.git_commit.dropna()) if 'git_commit' in sel else set()
+    if len(sel) and (('git_commit' not in sel) or sel.git_commit.isna().any()):
+        why.append('some runs record no commit (not run by qclip run from a git checkout)')
+    if 'git_dirty' in sel and sel.git_dirty.fillna(False).astype(bool).any():
+        why.append('some runs ran uncommitted code')
+    for c in sorted(commits) if commit else []:
+        if _git(repo, 'merge-base', '--is-ancestor', commit, c) is None:
+            why.append(f"run commit {c[:10]} does not descend from the plan's commit {commit[:10]}")
+        elif _git(repo, 'log', '-1', '--format=%H', c, '--', f.name) != commit:
+            why.append(f"the plan changed after run commit {c[:10]}")
+    return dict(confirmatory=not why, reasons=why, plan_commit=commit, run_commits=sorted(commits))
 
 # %% ../nbs/50_results.ipynb #0d0e7ec8
 def side_by_side(ours:pd.DataFrame, paper:pd.DataFrame|None=None)->pd.DataFrame:
@@ -378,32 +389,44 @@ def plot_table1(long:pd.DataFrame, path=None):
     return g
 
 # %% ../nbs/50_results.ipynb #8ea956e6
-def plot_intervals(long:pd.DataFrame, path=None, level:float=0.95):
+def plot_intervals(
+    long:pd.DataFrame,
+    path=None,
+    level:float=0.95,
+    verdicts:pd.DataFrame|None=None,  # `qclip.analysis.plan_verdicts`: its columns only, marked by gate and verdict
+    seeds=None,                       # the seeds to pair (None: all)
+    title:str='',                     # e.g. 'confirmatory run of the plan at 1a2b3c4' or 'exploratory: ...'
+):
     """Forest plot: each column's paired differences between caption qualities with their intervals (right of 0: the
-    paper's way)."""
+    paper's way); with `verdicts`, read-outs that failed the gate greyed and every panel titled by its verdict."""
     import matplotlib.pyplot as plt, seaborn as sns
-    rows = []
-    for col in dict.fromkeys(long.column):
-        w = _by_seed(long, col)
+    rows, cols = [], (list(verdicts.column) if verdicts is not None and len(verdicts) else list(dict.fromkeys(long.column)))
+    for col in cols:
+        w = wide(long, col, seeds)
         if not all(x in w.index for x in PAPER_ORDER): continue
         for a, b in PAIRS:
-            s = w.loc[[a, b]].dropna(axis=1).columns
-            m, lo, hi, n = paired_ci((w.loc[b, s] - w.loc[a, s]).values, level)
-            rows.append(dict(column=col, pair=f'{b} - {a}', mean=m, low=lo, high=hi))
+            t = paired_t(paired_diff(w, a, b), 'two-sided', level)
+            rows.append(dict(column=col, pair=f'{b} - {a}', mean=t['mean'], low=t['low'], high=t['high']))
     if not rows: return None
-    df = pd.DataFrame(rows)
+    df, v = pd.DataFrame(rows), ({} if verdicts is None else verdicts.set_index('column').to_dict('index'))
     cols = list(dict.fromkeys(df.column))
     sns.set_theme(style='whitegrid')
-    fig, axes = plt.subplots(1, len(cols), figsize=(2.6 * len(cols), 2.4), squeeze=False, sharey=True)
+    fig, axes = plt.subplots(1, len(cols), figsize=(2.7 * len(cols), 2.7), squeeze=False, sharey=True)
     for ax, col in zip(axes[0], cols):
-        d = df[df.column == col].reset_index(drop=True)
-        ax.errorbar(d['mean'], d.index, xerr=[d['mean'] - d['low'], d['high'] - d['mean']], fmt='o', color='k',
-                    capsize=3)
+        d, info = df[df.column == col].reset_index(drop=True), v.get(col, {})
+        gated = info.get('gate') is not False
+        colour = 'k' if gated else '0.65'
+        ax.errorbar(d['mean'], d.index, xerr=[d['mean'] - d['low'], d['high'] - d['mean']], fmt='o', color=colour,
+                    ecolor=colour, capsize=3, mfc=colour if gated else 'white')
         ax.axvline(0, color='grey', ls='--')
-        ax.set_title(col + (' (-RMSE)' if col in LOWER_IS_BETTER else ''), fontsize=9)
+        head = col + (' (-RMSE)' if col in LOWER_IS_BETTER else '')
+        if info:
+            word = info['verdict'].split(' at toy scale')[0].split(':')[0]
+            head += f"\n[{info.get('role', '')}] {word if gated else 'not measurable (gate)'}"
+        ax.set_title(head, fontsize=8)
         ax.set_yticks(d.index, d.pair); ax.invert_yaxis()
-    fig.suptitle(f'paired differences between caption qualities, {int(100 * level)}% intervals '
-                 '(right of 0: as the paper)', fontsize=9)
+    fig.suptitle((title + '\n' if title else '') + f'paired differences between caption qualities, '
+                 f'{int(100 * level)}% intervals (right of 0: as the paper)', fontsize=9)
     fig.tight_layout()
     if path: _save(fig, path)
     return fig
@@ -460,3 +483,14 @@ def plot_attention(df:pd.DataFrame, path=None):
     "Fig. 3 of collected `attention_distance.csv` rows (`qclip.attention.plot_distances`), panels titled by run."
     from qclip.attention import plot_distances
     return plot_distances(df.assign(model=df.model.map(short_name)), path=path) if len(df) else None
+
+# %% ../nbs/50_results.ipynb #a77e0c02
+def locality_note(div:pd.DataFrame, tol:float=0.2)->str:
+    "One sentence: whether any head's mean attention distance is more than `tol` x uniform attention's away from it."
+    if div.empty or 'uniform' not in div: return ''
+    lo, hi, u = div['min'].min(), div['max'].max(), div['uniform'].mean()
+    far = ((div['min'] < (1 - tol) * div['uniform']) | (div['max'] > (1 + tol) * div['uniform'])).any()
+    where = f"every head of {div.model.nunique()} encoders lies between {lo:.3g} and {hi:.3g} px; uniform attention: {u:.3g} px"
+    return (f"Fig. 3 can show locality here: {where}." if far else
+            f"Fig. 3 cannot show locality at this scale: {where}, so no head is more than {int(100 * tol)}% from "
+            "attending uniformly, and the encoders are not told apart by it.")
