@@ -13,8 +13,8 @@ from .distributed import LAUNCH_ENV
 # %% auto #0
 __all__ = ['RESOURCES', 'MAX_SPEC_BYTES', 'MAX_SPEC_VALUES', 'MAX_RUNS', 'environ', 'launch_env', 'execute_notebook',
            'expand_grid', 'run_name', 'merge_spec', 'load_yaml', 'read_spec', 'load_experiment', 'notebook_params',
-           'check_run_params', 'run_status', 'start_run', 'run_one', 'run_one_process', 'cpu_count', 'NotebookJob',
-           'slurm_executor', 'stage_plan', 'run_experiment', 'slurm_dependency', 'main']
+           'check_run_params', 'run_status', 'git_state', 'start_run', 'run_one', 'run_one_process', 'cpu_count',
+           'NotebookJob', 'slurm_executor', 'stage_plan', 'run_experiment', 'slurm_dependency', 'main']
 
 # %% ../nbs/07a_jobs.ipynb #752faa2e
 @contextlib.contextmanager
@@ -390,6 +390,18 @@ def run_status(run_dir, params:dict)->str:
     if saved is not None and saved != params: return 'changed'
     return 'stopped' if (d/'checkpoint.pt').exists() else 'new'
 
+# %% ../nbs/07a_jobs.ipynb #9175a002
+def git_state(path)->dict|None:
+    "{'commit', 'dirty'} of the git checkout holding `path` (dirty: tracked files changed), None outside one."
+    import subprocess
+    d = Path(path).absolute(); d = d if d.is_dir() else d.parent
+    def git(*a):
+        try: r = subprocess.run(['git', '-C', str(d), *a], capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.SubprocessError): return None
+        return r.stdout.strip() if r.returncode == 0 else None
+    commit = git('rev-parse', 'HEAD')
+    return None if not commit else dict(commit=commit, dirty=bool(git('status', '--porcelain', '--untracked-files=no')))
+
 # %% ../nbs/07a_jobs.ipynb #1c3f7672
 def start_run(run_dir, notebook, params:dict)->Path:
     "Ready `run_dir` for `notebook` with `params`: a run left there with other parameters moves to `attempts/run<k>/`."
@@ -399,7 +411,8 @@ def start_run(run_dir, notebook, params:dict)->Path:
         old = d/'attempts'/f"run{len([p for p in (d/'attempts').iterdir() if p.is_dir()])}"; old.mkdir()
         for p in list(d.iterdir()):
             if p.name != 'attempts': p.rename(old/p.name)
-    atomic_write_text(d/'run.yaml', yaml.safe_dump(dict(notebook=str(notebook), params=params), sort_keys=False))
+    run = dict(notebook=str(notebook), params=params, git=git_state(notebook))  # the code it runs, for the results page
+    atomic_write_text(d/'run.yaml', yaml.safe_dump(run, sort_keys=False))
     _keep_attempt(d/'notebook.ipynb')
     return d
 

@@ -67,6 +67,7 @@ PRETRAIN_DEFAULTS = dict(
     log_every=10, eval_every=50, ckpt_every=50,
     synth_n=8192, synth_size=64,# built-in datasets: training images and their side in pixels
     synth_val=512,              # held-out images for retrieval R@1 (built-in datasets)
+    synth_seed=-1,              # built-in datasets: the scenes' seed; -1: the run's seed (scenes vary with it)
     device='auto',              # auto | cpu | cuda
     report_to='',               # tensorboard | wandb | tensorboard,wandb: live curves of metrics.jsonl ('' = none)
     out_dir='runs/pretrain',
@@ -104,6 +105,9 @@ def check_params(**params)->dict:
     for k in ['batch_size', 'log_every', 'eval_every', 'ckpt_every', 'synth_n', 'synth_size', 'synth_val']:
         p[k] = check_positive(k, p[k])
     for k in ['steps', 'warmup', 'workers', 'seed']: p[k] = check_positive(k, p[k], allow_zero=True)
+    s = p['synth_seed']  # -1 resolved here, so params.yaml records the scenes the run saw
+    p['synth_seed'] = (p['seed'] if s == -1 and not isinstance(s, bool)
+                       else check_positive('synth_seed', s, allow_zero=True))
     p['lr'] = check_positive('lr', p['lr'], float)
     for k in ['min_lr', 'weight_decay', 'eps', 'grad_clip', 'ema']:
         p[k] = check_positive(k, p[k], float, allow_zero=True)
@@ -189,6 +193,7 @@ def retrieval(model, batches, device, precision='fp32')->dict:
 
 # %% ../nbs/06_train.ipynb #01e7b8e4
 _RESUME_KEYS = ('dataset', 'data_root', 'model', 'caption_source', 'seed', 'ckpt_every', 'synth_n', 'synth_size',
+                'synth_seed',
                 'dr_root', 'syn_key', 'data_weights', 'subset_samples', 'paug_replay', 'w0', 'w1',
                 'range_augment')  # + the global batch
 
@@ -259,7 +264,7 @@ def _data(p:dict)->SimpleNamespace:
     ("Where the run's samples come from: training shards (source weights, a Fig. 2 subset, DataCompDR pairs), "
      "held-out shards.")
     spec = dataset_spec(p['dataset'], p['syn_key'] or None)
-    synth = dict(n=p['synth_n'], size=p['synth_size']) if spec.synthetic else {}
+    synth = dict(n=p['synth_n'], size=p['synth_size'], seed=p['synth_seed']) if spec.synthetic else {}
     train = find_shards(p['dataset'], p['data_root'], 'train', **synth)
     weights, limits = shard_weights(find_sources(p['dataset'], p['data_root'], 'train', **synth), p['data_weights']), {}
     if p['subset_samples']:  # Fig. 2: the first N samples, nested across subset sizes
@@ -392,7 +397,8 @@ def _finish(p:dict, run:RunFolder, m:SimpleNamespace, tally:BadTally, step:int)-
 def _pretrain(p:dict)->dict:
     "Every rank's pretraining: data, model, resume, chunks of `ckpt_every` steps each ending in a checkpoint, outputs."
     rank = rank_world()[0]
-    run, dev = RunFolder(p, _RESUME_KEYS, PRETRAIN_DEFAULTS), run_device(p['device'])
+    # a checkpoint from before scene seeds saw the scenes of seed 0
+    run, dev = RunFolder(p, _RESUME_KEYS, {**PRETRAIN_DEFAULTS, 'synth_seed': 0}), run_device(p['device'])
     seed_everything(p['seed'] + rank)
     data = _data(p)
     m = _model(p, dev)
