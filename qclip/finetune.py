@@ -31,10 +31,11 @@ from .heads import (load_encoder, is_arch, set_img_size, set_drop_path, vit_inpu
 
 # %% auto #0
 __all__ = ['SYNTH_LABELS', 'IMAGENET_LAYOUT', 'NYU_LAYOUT', 'CLS_DEFAULTS', 'DEPTH_DEFAULTS', 'CLS_DATASETS', 'DEPTH_DATASETS',
-           'synth_arrays', 'cls_view', 'depth_view', 'imagenet_samples', 'nyu_samples', 'SynthCls', 'FolderCls',
-           'SynthDepth', 'NYUDepth', 'fake_imagenet', 'fake_nyuv2', 'StepBatches', 'check_encoder', 'check_cls_params',
-           'check_depth_params', 'build_classification', 'build_depth', 'eval_classification', 'eval_depth', 'Task',
-           'classification_task', 'depth_task', 'plot_finetune', 'fit', 'finetune_classification', 'finetune_depth']
+           'synth_arrays', 'encoder_seeds', 'cls_view', 'depth_view', 'imagenet_samples', 'nyu_samples', 'SynthCls',
+           'FolderCls', 'SynthDepth', 'NYUDepth', 'fake_imagenet', 'fake_nyuv2', 'StepBatches', 'check_encoder',
+           'check_cls_params', 'check_depth_params', 'build_classification', 'build_depth', 'eval_classification',
+           'eval_depth', 'Task', 'classification_task', 'depth_task', 'plot_finetune', 'fit', 'finetune_classification',
+           'finetune_depth']
 
 # %% ../nbs/08a_finetune.ipynb #6dd2576f
 SYNTH_LABELS = {'shape': list(SHAPES), 'colour': list(COLOURS),
@@ -43,13 +44,15 @@ SYNTH_LABELS = {'shape': list(SHAPES), 'colour': list(COLOURS),
 # %% ../nbs/08a_finetune.ipynb #4a21cf04
 def synth_arrays(name:str, split:str='train', n:int=2048, size:int=64, seed:int=0)->dict:
     """Images uint8 [N, 3, S, S], the main object's shape / colour / object ids [N], depth in metres [N, 1, S, S],
-    semantic and instance ids [N, S, S]."""
-    imgs, cls, colour, depth, seg, inst, syn = [], [], [], [], [], [], []
+    semantic and instance ids [N, S, S], the first synthetic caption and every object's colour, shape, place and size."""
+    imgs, cls, colour, depth, seg, inst, syn, objs = [], [], [], [], [], [], [], []
     for url in synth_shards(name, split, n=n, size=size, seed=seed):
         for s in read_tar(url, BadCounter(what=f'dataset={name!r}')):
             imgs.append(np.asarray(Image.open(io.BytesIO(s['jpg'])).convert('RGB')))
             # as qclip.data.synth.main_object
-            main = max(json.loads(s['json'])['objects'], key=lambda o: o['visible_area'])
+            objects = json.loads(s['json'])['objects']
+            main = max(objects, key=lambda o: o['visible_area'])
+            objs.append([{k: o[k] for k in ('colour', 'shape', 'x', 'y', 'size')} for o in objects])
             cls.append(int(s['cls'])); colour.append(list(COLOURS).index(main['colour']))
             depth.append(decode_dense('depth.png', s['depth.png'])); seg.append(decode_dense('seg.png', s['seg.png']))
             inst.append(decode_dense('inst.png', s['inst.png']))
@@ -57,7 +60,16 @@ def synth_arrays(name:str, split:str='train', n:int=2048, size:int=64, seed:int=
     cls, colour = torch.tensor(cls), torch.tensor(colour)
     return dict(images=torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).contiguous(), cls=cls, shape=cls,
                 colour=colour, object=cls * len(COLOURS) + colour, depth=torch.from_numpy(np.stack(depth))[:, None],
-                seg=torch.from_numpy(np.stack(seg)), inst=torch.from_numpy(np.stack(inst)), syn=syn)
+                seg=torch.from_numpy(np.stack(seg)), inst=torch.from_numpy(np.stack(inst)), syn=syn, objects=objs)
+
+# %% ../nbs/08a_finetune.ipynb #e5eed002
+def encoder_seeds(encoder)->dict:
+    "{'seed', 'synth_seed'} of a 10_pretrain folder (its params.yaml); {} for anything else (an arch, a weights file)."
+    f = Path(str(encoder)).expanduser()/'params.yaml'
+    if not f.is_file(): return {}
+    y = yaml.safe_load(f.read_text()) or {}
+    seed, scenes = y.get('seed', 0), y.get('synth_seed', 0)
+    return dict(seed=seed, synth_seed=seed if scenes == -1 else scenes)
 
 # %% ../nbs/08a_finetune.ipynb #ae386380
 def _rng(seed:int)->random.Random: return random.Random(seed)

@@ -12,7 +12,7 @@ from .core import check_choice, check_positive, atomic_write_text, atomic_path, 
 from .models import CLIP_MODELS, create_clip, feature_maps, get_tokenizer, load_run, vit_input_size
 from .heads import load_encoder, pooled_tower, depth_metrics, set_img_size
 from .data.synth import SYNTH_DATASETS, CLASSES
-from .finetune import SYNTH_LABELS, synth_arrays, _norm
+from .finetune import SYNTH_LABELS, synth_arrays, _norm, encoder_seeds
 from .train import retrieval, recall_ranks
 from .harness import run_device, nonfinite, write_results
 from .tracking import Tracker, check_report_to
@@ -344,6 +344,7 @@ PROBE_DEFAULTS = dict(
     dense_n=1024,               # training images of the segmentation, depth and box probes (x patches each)
     batch_size=256,             # images per forward pass
     seed=0,                     # held-out fifth for choosing the penalties; random init of an arch name
+    synth_seed=-1,              # the scenes' seed; -1: the encoder's pretraining scenes (0 for an arch or a file)
     device='auto',              # auto | cpu | cuda
     report_to='',               # tensorboard | wandb | tensorboard,wandb: the read-outs there too ('' = none)
     out_dir='runs/probes',
@@ -359,6 +360,9 @@ def check_probe_params(**params)->dict:
     check_choice('dataset', p['dataset'], SYNTH_DATASETS); check_choice('device', p['device'], ('auto', 'cpu', 'cuda'))
     for k in ('synth_n', 'synth_val', 'dense_n', 'batch_size'): p[k] = check_positive(k, p[k])
     p['seed'] = check_positive('seed', p['seed'], allow_zero=True)
+    if p['synth_seed'] == -1 and not isinstance(p['synth_seed'], bool):
+        p['synth_seed'] = encoder_seeds(p['encoder']).get('synth_seed', 0)
+    p['synth_seed'] = check_positive('synth_seed', p['synth_seed'], allow_zero=True)
     p['report_to'] = check_report_to(p['report_to'])
     if p['dense_n'] > p['synth_n']:
         raise ValueError(f"dense_n={p['dense_n']} exceeds synth_n={p['synth_n']}: "
@@ -411,9 +415,9 @@ def probe_encoder(**params)->dict:
             raise ValueError(f"encoder={p['encoder']!r} holds non-finite weights ({bad} has NaN or infinity); "
                              "expected a finite checkpoint (train that run again with a lower lr)")
         norm = _norm(tower)
-        tr = synth_arrays(p['dataset'], 'train', p['synth_n'])
+        tr = synth_arrays(p['dataset'], 'train', p['synth_n'], seed=p['synth_seed'])
         # the same images in every synth dataset; its captions are faithful
-        va = synth_arrays('synth-datacompdr', 'val', p['synth_val'])
+        va = synth_arrays('synth-datacompdr', 'val', p['synth_val'], seed=p['synth_seed'])
         size = tuple(tr['images'].shape[-2:])
         if vit_input_size(tower) not in (None, size):  # a ViT built for other inputs: resample
             set_img_size(tower, size)
@@ -434,6 +438,12 @@ def probe_encoder(**params)->dict:
             r = retrieval(clip, [(x[i:i + 256], tok(va['syn'][i:i + 256])[:, None])
                                  for i in range(0, len(x), 256)], dev)
             res['retrieval_r1'] = 100 * (r['val_i2t_r1'] + r['val_t2i_r1']) / 2
+            # the same in frames no training source uses (prompt ensemble; captions naming colour and shape only)
+            res['zeroshot_heldout'] = zero_shot(clip, x, va['object'].to(dev), SYNTH_LABELS['object'], tok,
+                                                HELDOUT_TEMPLATES)
+            caps = [heldout_caption(o) for o in va['objects']]
+            r = retrieval(clip, [(x[i:i + 256], tok(caps[i:i + 256])[:, None]) for i in range(0, len(x), 256)], dev)
+            res['retrieval_heldout_r1'] = 100 * (r['val_i2t_r1'] + r['val_t2i_r1']) / 2
         res.update(train_images=len(tr['images']), val_images=len(va['images']), dense_images=min(n, len(tr['images'])),
                    seconds=round(time.time() - t0, 1))
         atomic_write_text(out/'params.yaml', yaml.safe_dump(p, sort_keys=False))

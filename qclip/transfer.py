@@ -17,14 +17,14 @@ from .models import feature_maps
 from .data.synth import CLASSES, SYNTH_DATASETS
 from .heads import load_encoder, set_img_size, set_drop_path, vit_input_size, Classifier, SiLogLoss
 from .finetune import (SYNTH_LABELS, synth_arrays, SynthCls, SynthDepth, Task, fit, _COMMON, _check, _norm,
-                            _collate, eval_classification, eval_depth)
+                            _collate, eval_classification, eval_depth, encoder_seeds)
 from .probes import seg_scores, box_targets, box_ap, decode_boxes
 from .distributed import run_job, rank_world, rank_share, all_reduce_sum
 from .train import autocast
 
 # %% auto #0
 __all__ = ['TRANSFER_TASKS', 'TRANSFER_DEFAULTS', 'TokenHead', 'TokenDense', 'SceneMaps', 'eval_seg', 'eval_box', 'BoxLoss',
-           'encoder_seeds', 'check_transfer_params', 'transfer_task', 'DepthTokens', 'transfer_encoder']
+           'check_transfer_params', 'transfer_task', 'DepthTokens', 'transfer_encoder']
 
 # %% ../nbs/08d_transfer.ipynb #5e66da1d
 class TokenHead(nn.Module):
@@ -144,16 +144,7 @@ TRANSFER_DEFAULTS = dict(_COMMON,
     log_every=10, ckpt_every=50,
     out_dir='runs/transfer')
 
-# %% ../nbs/08d_transfer.ipynb #3e92930c
-def encoder_seeds(encoder:str)->dict:
-    "{'seed', 'synth_seed'} of a 10_pretrain folder's params.yaml (its scene seed defaults to 0); {} otherwise."
-    f = Path(str(encoder)).expanduser()/'params.yaml'
-    if not f.is_file(): return {}
-    y = yaml.safe_load(f.read_text()) or {}
-    seed = y.get('seed', 0)
-    return dict(seed=seed, synth_seed=y.get('synth_seed', 0) if y.get('synth_seed', 0) != -1 else seed)
-
-# %% ../nbs/08d_transfer.ipynb #10d8771e
+# %% ../nbs/08d_transfer.ipynb #b2a236db
 def check_transfer_params(**params)->dict:
     "Defaults merged with `params`, each checked; `seed` and `synth_seed` of -1 resolved from the encoder."
     p = dict(params)
@@ -178,7 +169,7 @@ def check_transfer_params(**params)->dict:
         raise ValueError(f"label_smoothing={p['label_smoothing']!r} is not valid; expected a number in [0, 1)")
     return p
 
-# %% ../nbs/08d_transfer.ipynb #0ef3fa16
+# %% ../nbs/08d_transfer.ipynb #b94dc834
 _ARRAYS = {}
 
 def _scenes(p:dict)->tuple[dict, dict]:
@@ -202,7 +193,7 @@ def _tower(p:dict, size:int)->nn.Module:
     if p['drop_path']: set_drop_path(tower, p['drop_path'])
     return tower
 
-# %% ../nbs/08d_transfer.ipynb #372fa624
+# %% ../nbs/08d_transfer.ipynb #80d57e91
 def transfer_task(name:str, p:dict)->Task:
     "The `Task` of one of `TRANSFER_TASKS` on the built-in scenes for checked parameters `p`."
     tr, va = _scenes(p)
@@ -231,14 +222,14 @@ def transfer_task(name:str, p:dict)->Task:
                     lambda m, dev: eval_box(m, val, norm, dev, prec), 'AP', 'box AP (%)', summary)
     check_choice('task', name, TRANSFER_TASKS)
 
-# %% ../nbs/08d_transfer.ipynb #e4c1fdfe
+# %% ../nbs/08d_transfer.ipynb #527a0c34
 class DepthTokens(nn.Module):
     "`TokenDense` depth of every pixel, `sigmoid x max_depth` metres (the paper's depth decoder's output, Table 15)."
     def __init__(self, tower:nn.Module, max_depth:float=10., pos:tuple|None=None):
         super().__init__(); self.dense, self.max_depth = TokenDense(tower, 1, pos=pos), max_depth
     def forward(self, x:Tensor)->Tensor: return self.dense(x).sigmoid() * self.max_depth  # (N, 1, H, W)
 
-# %% ../nbs/08d_transfer.ipynb #0d34a4e9
+# %% ../nbs/08d_transfer.ipynb #63ff88d5
 def _figure(p:dict, out:Path, k:int=4):
     "Validation scenes with the ground truth and each fine-tuned dense model's prediction, from its saved weights."
     import matplotlib; matplotlib.use('Agg')
@@ -269,7 +260,7 @@ def _figure(p:dict, out:Path, k:int=4):
     with atomic_path(out/'transfer.png') as tmp: fig.savefig(tmp, format='png', dpi=100)
     plt.close(fig)
 
-# %% ../nbs/08d_transfer.ipynb #388b1c77
+# %% ../nbs/08d_transfer.ipynb #8e733289
 _KEEP = ('top1', 'top5', 'mIoU', 'mAcc', 'rmse', 'abs_rel', 'd1', 'silog', 'AP', 'AP50', 'AP75')
 
 def _transfer(p:dict)->dict:
@@ -287,7 +278,7 @@ def _transfer(p:dict)->dict:
     _ARRAYS.clear()
     return res
 
-# %% ../nbs/08d_transfer.ipynb #c2d3553a
+# %% ../nbs/08d_transfer.ipynb #67f185fb
 def transfer_encoder(**params)->dict:
     "Miniature fine-tuning of an encoder on the four tasks (see `TRANSFER_DEFAULTS`); writes into `out_dir`."
     return run_job(transfer_encoder, check_transfer_params(**params), _transfer)
