@@ -170,25 +170,34 @@ def cache_dir(*parts) -> Path:
     return p
 
 # %% ../nbs/00_core.ipynb #2dabde16
+def _strict(x):
+    "`x` with every NaN or infinite float (also inside lists and dicts) as None: what strict JSON can hold."
+    if isinstance(x, float) and not np.isfinite(x): return None
+    if isinstance(x, dict): return {k: _strict(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)): return [_strict(v) for v in x]
+    return x
+
+def _jsonl(row:dict)->str: return json.dumps(_strict(row), allow_nan=False) + '\n'
+
 class MetricsLog:
-    "Append-only JSONL metrics file, truncatable to a step on resume."
+    "Append-only JSONL metrics file in strict JSON (a NaN or infinity is null), truncatable to a step on resume."
     def __init__(self, path): self.path = Path(path)
     def append(self, **row):
-        "Append one row (values must be JSON-serialisable)."
+        "Append one row (values must be JSON-serialisable; a NaN or infinite float is written as null)."
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, 'a') as f: f.write(json.dumps(row) + '\n'); f.flush()
+        with open(self.path, 'a') as f: f.write(_jsonl(row)); f.flush()
     def read(self) -> list[dict]:
-        "All complete rows (a torn last line from a kill is ignored)."
+        "All complete rows, a null value read as NaN (a torn last line from a kill is ignored)."
         if not self.path.exists(): return []
         rows = []
         for line in self.path.read_text().splitlines():
-            try: rows.append(json.loads(line))
-            except json.JSONDecodeError: pass
+            try: rows.append({k: float('nan') if v is None else v for k, v in json.loads(line).items()})
+            except (json.JSONDecodeError, AttributeError): pass  # AttributeError: a line that is not a row
         return rows
     def truncate(self, step:int):
         "Keep only rows with `step <= step` (atomically)."
         rows = [r for r in self.read() if r.get('step', -1) <= step]
-        atomic_write_text(self.path, ''.join(json.dumps(r) + '\n' for r in rows))
+        atomic_write_text(self.path, ''.join(_jsonl(r) for r in rows))
 
 # %% ../nbs/00_core.ipynb #590578de
 def plot_curves(
@@ -226,10 +235,11 @@ LOCK_FILE, LOCK_ENV = '.qclip.lock', 'QCLIP_LOCKED_RUN'
 
 # %% ../nbs/00_core.ipynb #df596c6a
 def lock_holder(out_dir)->dict|None:
-    "Who holds `out_dir` ({host, pid, since, cmd}), or None when no job does."
+    "Who holds `out_dir` ({host, pid, since, cmd}), or None when no job does (also when it is a file or under one)."
     f = Path(out_dir)/LOCK_FILE
     try: fh = open(f, 'r')  # never creates the file
-    except (FileNotFoundError, IsADirectoryError): return None
+    # no folder there, so no job: `check_out_dir` says why it cannot be a run folder
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError): return None
     with fh:
         try: fcntl.flock(fh, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:
