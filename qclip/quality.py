@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np, pandas as pd, torch, yaml
 from .core import check_positive, atomic_path, atomic_write_text, run_lock, RunLockedError, check_out_dir
 from .models import CLIP_MODELS, create_clip, get_tokenizer, load_run
+from .harness import write_results
 from .data.shards import (DATASETS, BadCounter, BadSample, BadDataError, IMAGE_KEYS, find_shards, read_tar, join_dr,
                                stored_path, local_path)
 from .data.augment import CropTransform, normalize_batch
@@ -336,7 +337,7 @@ def caption_quality(**params)->dict:
         plot_quality(frame, summary, out/'quality.png')
         res = {f'{d} | {c}': row.dropna().to_dict() for (d, c), row in quality_table(summary).iterrows()}
         used = p['scorer'] or (str(out/'scorer') if scorer else None)
-        atomic_write_text(out/'results.json', json.dumps(dict(quality=res, scorer=used, bad_samples=bad), indent=1))
+        write_results(out/'results.json', dict(quality=res, scorer=used, bad_samples=bad))  # strict JSON: inf is null
     return res
 
 

@@ -16,7 +16,7 @@ from .data.shards import (DATASETS, BadCounter, BadSample, BadDataError, IMAGE_K
                                ShardStream, make_loader, dataset_spec, train_transform, stored_path, local_path)
 from .data.augment import open_image, crop_resize, center_box, rrc_box, normalize_batch
 from .distributed import rank_world, barrier, dist_env, run_job
-from .harness import run_device
+from .harness import run_device, write_results
 from .tracking import Tracker, check_report_to
 
 # %% auto #0
@@ -418,7 +418,7 @@ def train_coca(**params)->dict:
     last = rows[-1] if rows else {}
     res = dict(weights=str(w.absolute()), model=p['model'], steps=step, caption_loss=last.get('caption_loss'),
                contrastive_loss=last.get('contrastive_loss'))
-    atomic_write_text(out/'results.json', json.dumps(res, indent=1))
+    write_results(out/'results.json', res)  # strict JSON: a NaN loss is null
     return res
 
 # %% ../nbs/09a_reinforce.ipynb #34dedf31
@@ -692,7 +692,7 @@ def _reinforce(p:dict)->dict:
                       flush=True)
         if failed: print(f"{len(failed)} shards yielded nothing usable and were not written (a rerun retries them): "
                          + '; '.join(f'{k}: {v}' for k, v in sorted(failed.items())[:3]), flush=True)
-        atomic_write_text(out/'results.json', json.dumps(summary, indent=1))
+        write_results(out/'results.json', summary)
         if p['report_to']:  # the job's totals, at the shards done
             t = Tracker(p['report_to'], out, p)
             t.log(dict(summary, step=len(stats), bad_samples=sum(bad.values()))); t.close()

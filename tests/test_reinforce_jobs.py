@@ -55,3 +55,35 @@ def test_misspelled_parameter_fails_before_any_work(tmp_path, notebook, typo, cl
                             progress_bar=False, parameters={typo: 1, 'device': 'cpu', 'out_dir': str(tmp_path/'run')})
     assert f"unknown parameter(s) '{typo}' (did you mean '{close}'?)" in e.value.evalue, e.value.evalue
     assert not (tmp_path/'run').exists()
+
+
+def _strict_json(path):
+    "`path` parsed as strict JSON: a bare NaN or Infinity fails."
+    def refuse(c): raise ValueError(f'{c} in {path} is not strict JSON')
+    return json.loads(Path(path).read_text(), parse_constant=refuse)
+
+
+def test_results_json_strict_when_coca_loss_is_nan(tmp_path, monkeypatch):
+    "A CoCa whose loss went NaN: its results.json still parses as strict JSON, the loss null."
+    import torch
+    from open_clip.loss import CoCaLoss
+    from qclip.reinforce import train_coca
+    nan = lambda self, *a, **k: (torch.tensor(float('nan'), requires_grad=True),) * 2
+    monkeypatch.setattr(CoCaLoss, 'forward', nan)
+    res = train_coca(steps=1, batch_size=4, warmup=0, synth_n=16, ckpt_every=1, log_every=1, workers=0,
+                     out_dir=tmp_path/'coca', device='cpu')
+    assert res['caption_loss'] != res['caption_loss']  # NaN in what the job returns ...
+    r = _strict_json(tmp_path/'coca'/'results.json')
+    assert (r['caption_loss'], r['contrastive_loss'], r['steps']) == (None, None, 1)  # ... null in the file
+
+
+def test_results_json_strict_when_a_measure_is_infinite(tmp_path, monkeypatch):
+    "A caption-quality measure that is infinite: results.json still parses as strict JSON, the measure null."
+    import qclip.quality as q
+    summary = q.quality_summary
+    monkeypatch.setattr(q, 'quality_summary', lambda f: summary(f).assign(
+        value=lambda d: d['value'].where(d['measure'] != 'words', float('inf'))))
+    res = q.caption_quality(sources='synth-align', n_images=8, synth_n=16, scorer_steps=0, device='cpu',
+                            out_dir=tmp_path/'q')
+    assert res['synth-align | gt']['words'] == float('inf')
+    assert _strict_json(tmp_path/'q'/'results.json')['quality']['synth-align | gt']['words'] is None
