@@ -249,7 +249,6 @@ def diversity(df:pd.DataFrame, uniform:dict|None=None)->pd.DataFrame:
 # %% ../nbs/09_attention.ipynb #4b67820e
 def plot_distances(df:pd.DataFrame, uniform:dict|None=None, path=None, title:str=''):
     "Fig. 3: mean attention distance per layer, one dot per head, one panel per model (dashed: uniform attention)."
-    import matplotlib; matplotlib.use('Agg') if path else None
     import seaborn as sns
     if df.empty: return None
     g = sns.catplot(data=df, x='layer', y='distance', col='model', hue='head', kind='strip', jitter=0.15,
@@ -309,9 +308,11 @@ def attention_job(
         div = diversity(df, uniform)
         with atomic_path(out/'attention_distance.csv') as tmp: df.to_csv(tmp, index=False)
         with atomic_path(out/'attention_diversity.csv') as tmp: div.to_csv(tmp, index=False)
-        plot_distances(df, uniform, out/'attention_distance.png',
-                       f"{'renormalised' if renormalize else 'not renormalised'} after "
-                       f"dropping CLS; {len(images)} {dataset} val images")
+        import matplotlib.pyplot as plt
+        g = plot_distances(df, uniform, out/'attention_distance.png',
+                           f"{'renormalised' if renormalize else 'not renormalised'} after "
+                           f"dropping CLS; {len(images)} {dataset} val images")
+        if g is not None: plt.close(g.figure)  # drawn to be saved: a notebook shows the PNG, not a second copy
         last = div.groupby('model', sort=False)['layer'].transform('max') == div['layer']
         summary = dict(models=list(models), num_images=len(images),
                        mean_distance={m: float(v)

@@ -244,7 +244,6 @@ def quality_table(summary:pd.DataFrame)->pd.DataFrame:
 # %% ../nbs/09b_quality.ipynb #fb170dc1
 def plot_quality(frame:pd.DataFrame, summary:pd.DataFrame, path=None):
     "Alignment-score and length distributions, faithfulness and diversity per dataset and caption source (seaborn)."
-    import matplotlib; matplotlib.use('Agg')
     import matplotlib.pyplot as plt, seaborn as sns
     sns.set_theme(style='whitegrid')
     f = frame.assign(source=frame['dataset'] + ' | ' + frame['caption_source'])
@@ -334,7 +333,8 @@ def caption_quality(**params)->dict:
         atomic_write_text(out/'params.yaml', yaml.safe_dump(p, sort_keys=False))
         with atomic_path(out/'captions.csv') as tmp: frame.to_csv(tmp, index=False)
         with atomic_path(out/'quality.csv') as tmp: summary.to_csv(tmp, index=False)
-        plot_quality(frame, summary, out/'quality.png')
+        import matplotlib.pyplot as plt
+        plt.close(plot_quality(frame, summary, out/'quality.png'))  # saved; a notebook shows the PNG, not a second copy
         res = {f'{d} | {c}': row.dropna().to_dict() for (d, c), row in quality_table(summary).iterrows()}
         used = p['scorer'] or (str(out/'scorer') if scorer else None)
         write_results(out/'results.json', dict(quality=res, scorer=used, bad_samples=bad))  # strict JSON: inf is null
@@ -409,7 +409,6 @@ def quality_beside_transfer(
 def plot_quality_vs_transfer(df:pd.DataFrame, path=None, measures=('clip_score', 'main_named', 'distinct_2', 'words'),
                              metrics:dict|None=None):
     "One panel per (measure, transfer metric) with a point per dataset and caption source, and Spearman's rho."
-    import matplotlib; matplotlib.use('Agg')
     import matplotlib.pyplot as plt, seaborn as sns
     metrics = [m for m in (TRANSFER_METRICS if metrics is None else metrics).values() if m in df]
     measures = [m for m in measures if m in df]
