@@ -229,11 +229,10 @@ class DepthTokens(nn.Module):
         super().__init__(); self.dense, self.max_depth = TokenDense(tower, 1, pos=pos), max_depth
     def forward(self, x:Tensor)->Tensor: return self.dense(x).sigmoid() * self.max_depth  # (N, 1, H, W)
 
-# %% ../nbs/08d_transfer.ipynb #63ff88d5
+# %% ../nbs/08d_transfer.ipynb #b187cd0a
 def _figure(p:dict, out:Path, k:int=4):
     "Validation scenes with the ground truth and each fine-tuned dense model's prediction, from its saved weights."
-    import matplotlib; matplotlib.use('Agg')
-    import matplotlib.pyplot as plt, matplotlib.patches as mpatches
+    import matplotlib.pyplot as plt, matplotlib.patches as mpatches  # the caller's backend: no switch to Agg
     from safetensors.torch import load_file
     tr, va = _scenes(p)
     cols = [('image', va['images'][:k].permute(0, 2, 3, 1), {})]
