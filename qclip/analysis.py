@@ -144,7 +144,7 @@ def gate(
         same = len({len(a) for a in avg}) == 1 and len(avg) == len(PAPER_ORDER)
         out.append(dict(column=col, task=long[long.column == col].task.iloc[0], gain=t['mean'], low=t['low'],
                         high=t['high'], n=t['n'], p_t=t['p'], p_sign=sign_flip(d) if len(d) else math.nan,
-                        passes=bool(t['n'] >= 2 and t['low'] > 0),
+                        passes=bool(t['n'] >= 2 and t['low'] > 0), below=bool(t['n'] >= 2 and t['high'] < 0),
                         averaged_gain=float(np.mean(avg, 0).mean()) if same and len(avg[0]) else math.nan))
     return pd.DataFrame(out)
 
@@ -174,7 +174,7 @@ def ordering_p(pairs:pd.DataFrame, alpha:float=0.05)->dict:
 def _fmt_p(p)->str: return 'n/a' if pd.isna(p) else f'{p:.2g}' if p >= 0.001 else f'{p:.1e}'
 
 def verdict_text(
-    gated:bool|None,        # the positive control: passed, failed, None = not run
+    gated:bool|None,        # the positive control: passed, failed, None = not run; 'below': DataCompDR resolved below
     n:int,                  # seeds per row
     test:dict,              # `ordering_p` (with p and p_rev Holm-corrected for a primary read-out)
     pairs:pd.DataFrame,     # `pair_tests` of the read-out
@@ -186,6 +186,8 @@ def verdict_text(
     how = f"n = {n}, {'Holm-corrected' if corrected else 'uncorrected'} p = "
     p, pr = test['p'], test['p_rev']
     if gated is None: v = 'not measured: no gate runs for this read-out'
+    elif gated == 'below': v = ('not measurable at toy scale: DataCompDR is resolved below random init on the gate seeds '
+                                '(negative transfer)')
     elif not gated: v = 'not measurable at toy scale: DataCompDR does not beat random init on the gate seeds'
     elif n < 2: v = f'not tested: {n} seed per row'
     elif p < alpha and test['agree']: v = f"orders {' < '.join(PAPER_ORDER)} at toy scale ({how}{_fmt_p(p)})"
@@ -267,11 +269,11 @@ def plan_verdicts(
     alpha, level, seeds = plan['alpha'], plan['level'], plan['seeds']
     cols = [*plan['primary'].values(), *plan['secondary']]
     g = (gate(long_gate, plan['gate_seeds'], level=level, columns=cols) if len(long_gate)
-         else pd.DataFrame(columns=['column', 'passes']))
-    gated = {c: bool(v) for c, v in zip(g.column, g.passes)}
+         else pd.DataFrame(columns=['column', 'passes', 'below']))
+    gated = {c: (True if ok else 'below' if lo else False) for c, ok, lo in zip(g.column, g.passes, g.below)}
     tests = {c: pair_tests(long, c, seeds, level) for c in cols if c in set(long.column)}
     none = dict(p=1., agree=False, p_rev=1., rev_agree=False)  # not gated: never rejected
-    raw = {c: ordering_p(pt, alpha) if gated.get(c) else none for c, pt in tests.items()}
+    raw = {c: ordering_p(pt, alpha) if gated.get(c) is True else none for c, pt in tests.items()}
     fam = {t: raw.get(c, none) for t, c in plan['primary'].items()}
     h_ord, h_rev = holm({t: v['p'] for t, v in fam.items()}), holm({t: v['p_rev'] for t, v in fam.items()})
     out = []
@@ -283,7 +285,7 @@ def plan_verdicts(
         neg = [r for r in PAPER_ORDER if (t := paired_t(paired_diff(w, RANDOM_ROW, r), 'two-sided', level))['n'] >= 2
                and t['high'] < 0]
         n = int(pt.n.min())
-        out.append(dict(task=task, column=c, role='primary' if primary else 'secondary', gate=gated.get(c), n=n,
+        out.append(dict(task=task, column=c, role='primary' if primary else 'secondary', gate=gated.get(c) is True, n=n,
                         p_order=test['p'], exact_agrees=test['agree'], p_reverse=test['p_rev'],
                         negative_transfer=', '.join(neg),
                         verdict=verdict_text(gated.get(c), n, test, pt, neg, alpha, corrected=primary)))

@@ -566,10 +566,12 @@ def fit(
                                                   world),
                         num_workers=p['workers'], collate_fn=_collate)
     bar, t_log, n_log = progress(p['steps'], start, task.name), time.perf_counter(), 0
+    top = max(g['layer_id'] for g in opt.param_groups)  # the head's layer id: above the tower's blocks
     model.train()
     for step, (x, y) in enumerate(loader, start + 1):
         lr = cosine_lr(step - 1, p['lr'], p['warmup'], p['steps'], p['min_lr'])
-        for g in opt.param_groups: g['lr'] = lr * g['lr_scale']
+        head_only = step <= p.get('head_steps', 0)  # LP-FT: the head alone first, the tower's groups at lr 0
+        for g in opt.param_groups: g['lr'] = lr * g['lr_scale'] * (0. if head_only and g['layer_id'] < top else 1.)
         _fault(rank, step - 1)  # QCLIP_FAIL_AT=rank:step, as in pretraining
         # stochastic depth: a function of (step, rank)
         torch.manual_seed(_mix(p['seed'], step - 1, 3, *([rank] if rank else [])))

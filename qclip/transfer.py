@@ -129,6 +129,7 @@ TRANSFER_DEFAULTS = dict(_COMMON,
     weight_decay=0.05,    # paper: 0.05 (Tables 12, 15), 0.1 (13), 0.01 (14)
     layer_decay=0.75,     # paper: 0.65-0.8 (Tables 13-15)
     warmup=15,
+    head_steps=0,         # train the heads alone for this many of `steps` first (LP-FT; Kumar et al. 2022)
     drop_path=0.0,        # stochastic depth; 0 at this length
     label='object',       # classification target: the main object's colour + shape (64 classes)
     label_smoothing=0.1,  # paper: 0.1 (Table 12)
@@ -163,6 +164,9 @@ def check_transfer_params(**params)->dict:
     check_choice('label', p['label'], SYNTH_LABELS)
     p['synth_seed'] = check_positive('synth_seed', p['synth_seed'], allow_zero=True)
     p['box_up'] = check_positive('box_up', p['box_up'])
+    p['head_steps'] = check_positive('head_steps', p['head_steps'], allow_zero=True)
+    if p['head_steps'] >= p['steps']:
+        raise ValueError(f"head_steps={p['head_steps']} leaves no fine-tuning in steps={p['steps']}; expected fewer")
     if not isinstance(p['head_pos'], bool): raise ValueError(f"head_pos={p['head_pos']!r}: expected True or False")
     for k in ('max_depth', 'silog_lambda'): p[k] = check_positive(k, p[k], float)
     if not 0 <= p['label_smoothing'] < 1:
