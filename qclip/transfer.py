@@ -120,8 +120,9 @@ class BoxLoss(nn.Module):
 # %% ../nbs/08d_transfer.ipynb #04ce9bfc
 TRANSFER_TASKS = {'classification': 'cls', 'segmentation': 'seg', 'depth': 'depth', 'detection': 'box'}  # -> key prefix
 
-# %% ../nbs/08d_transfer.ipynb #1c7a302e
+# %% ../nbs/08d_transfer.ipynb #d44b8ab0
 TRANSFER_DEFAULTS = dict(_COMMON,
+    encoder='tiny-vit-p16', # 10_pretrain folder, image-tower checkpoint, or an arch (random init)
     tasks='classification,segmentation,depth,detection',  # which of TRANSFER_TASKS, comma-separated
     steps=150,            # per task (the design profile of experiments/table1.yaml chose it)
     batch_size=64,

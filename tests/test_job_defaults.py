@@ -5,6 +5,7 @@ import pytest
 from qclip.train import PRETRAIN_DEFAULTS
 from qclip.finetune import CLS_DEFAULTS, DEPTH_DEFAULTS
 from qclip.probes import PROBE_DEFAULTS
+from qclip.transfer import TRANSFER_DEFAULTS
 from qclip.quality import QUALITY_DEFAULTS
 from qclip.reinforce import REINFORCE_DEFAULTS
 from qclip.attention import attention_job
@@ -23,7 +24,7 @@ def signature_defaults(f)->dict:
 
 @pytest.mark.parametrize('name,defaults', [
     ('10_pretrain.ipynb', PRETRAIN_DEFAULTS), ('20_classification.ipynb', CLS_DEFAULTS), ('23_depth.ipynb', DEPTH_DEFAULTS),
-    ('24_probes.ipynb', PROBE_DEFAULTS), ('40_reinforce.ipynb', REINFORCE_DEFAULTS), ('41_caption_quality.ipynb', QUALITY_DEFAULTS),
+    ('24_probes.ipynb', PROBE_DEFAULTS), ('25_transfer.ipynb', TRANSFER_DEFAULTS), ('40_reinforce.ipynb', REINFORCE_DEFAULTS), ('41_caption_quality.ipynb', QUALITY_DEFAULTS),
     ('30_attention.ipynb', signature_defaults(attention_job))])
 def test_parameters_cell_is_the_library_defaults(name, defaults):
     cell = params_cell(name)
