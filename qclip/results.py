@@ -14,8 +14,8 @@ from .analysis import (PAIRS, read_plan, plan_verdicts, gate, pair_tests, paired
 __all__ = ['PAPER_TABLE1', 'TABLE1_COLUMNS', 'LOWER_IS_BETTER', 'DATASET_ROWS', 'PAPER_ORDER', 'TASKS', 'RANDOM_ROW', 'SWEEP',
            'row_name', 'collect_runs', 'best_of_sweep', 'table1_long', 'sweep_note', 'table1', 't_quantile',
            'paired_ci', 'precondition', 'sensitivity', 'plot_sensitivity', 'plan_status', 'side_by_side', 'plot_table1',
-           'plot_intervals', 'scaling', 'plot_scaling', 'attention_runs', 'short_name', 'plot_attention',
-           'locality_note']
+           'plot_intervals', 'plot_summary', 'scaling', 'plot_scaling', 'attention_runs', 'short_name',
+           'plot_attention', 'locality_note']
 
 # %% ../nbs/50_results.ipynb #bb9ec519
 PAPER_TABLE1 = pd.read_csv(io.StringIO("""\
@@ -427,6 +427,51 @@ def plot_intervals(
         ax.set_yticks(d.index, d.pair); ax.invert_yaxis()
     fig.suptitle((title + '\n' if title else '') + f'paired differences between caption qualities, '
                  f'{int(100 * level)}% intervals (right of 0: as the paper)', fontsize=9)
+    fig.tight_layout()
+    if path: _save(fig, path)
+    return fig
+
+# %% ../nbs/50_results.ipynb #be5a0002
+def plot_summary(
+    long:pd.DataFrame,       # Table 1's runs in long form
+    long_gate:pd.DataFrame,  # the gate's runs in long form
+    verdicts:pd.DataFrame,   # `qclip.analysis.plan_verdicts`
+    plan:dict,               # `qclip.analysis.read_plan`
+    path=None,
+    title:str='',
+):
+    """Left: the positive control per read-out (DataCompDR - random init, gate seeds); right: the caption-quality pairs
+    (Table 1's seeds); both in % of random init's value, 95% intervals, labelled by verdict."""
+    import matplotlib.pyplot as plt, seaborn as sns
+    cols, lvl = list(verdicts.column), plan['level']
+    def rel(lf, col, seeds, a, b):
+        w = wide(lf, col, seeds)
+        if RANDOM_ROW not in w.index or a not in w.index or b not in w.index: return None
+        t, base = paired_t(paired_diff(w, a, b), 'two-sided', lvl), abs(w.loc[RANDOM_ROW].mean())
+        return {k: 100 * t[k] / base for k in ('mean', 'low', 'high')} if base > 0 and t['n'] >= 2 else None
+    sns.set_theme(style='whitegrid')
+    fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(11, 0.42 * len(cols) + 1.6), sharey=True,
+                                   gridspec_kw=dict(width_ratios=[1, 1.4]))
+    pairs = [(RANDOM_ROW, 'DataCompDR', ax0, 'k', 0.)] + [
+        (a, b, ax1, c, dy) for (a, b), c, dy in zip(PAIRS, ('C0', 'C1', 'C2'), (-0.22, 0., 0.22))]
+    for y, col in enumerate(cols):
+        for a, b, ax, c, dy in pairs:
+            r = rel(long_gate if ax is ax0 else long, col, plan['gate_seeds'] if ax is ax0 else plan['seeds'], a, b)
+            if r is None: continue
+            ok = r['low'] > 0 or r['high'] < 0
+            ax.errorbar(r['mean'], y + dy, xerr=[[r['mean'] - r['low']], [r['high'] - r['mean']]], fmt='o', color=c,
+                        mfc=c if ok else 'white', capsize=2, ms=5, label=f'{b} - {a}' if y == 0 else None)
+    for ax in (ax0, ax1): ax.axvline(0, color='grey', ls='--', lw=0.8)
+    v = verdicts.set_index('column')
+    short = lambda s: s.split(' at toy scale')[0].split(':')[0].replace('not measurable', 'not measurable (gate)')
+    ax0.set_yticks(range(len(cols)), [f"{c} [{v.loc[c, 'role']}]" for c in cols], fontsize=8); ax0.invert_yaxis()
+    for y, c in enumerate(cols): ax1.annotate(short(v.loc[c, 'verdict']), (1.01, y), xycoords=('axes fraction', 'data'),
+                                              fontsize=7, va='center')
+    ax0.set_title(f"positive control: DataCompDR - random init\n(gate seeds {plan['gate_seeds']})", fontsize=9)
+    ax1.set_title(f"caption quality: paired differences (Table 1 seeds, n = {len(plan['seeds'])})", fontsize=9)
+    for ax in (ax0, ax1): ax.set_xlabel("% of random init's value (RMSE: its decrease)", fontsize=8)
+    ax1.legend(fontsize=7, loc='lower right')
+    if title: fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     if path: _save(fig, path)
     return fig
