@@ -251,12 +251,19 @@ def read_plan(
     prim, sec = plan['primary'], plan.get('secondary') or []
     if not isinstance(prim, dict) or set(prim) != set(TASKS):
         raise ValueError(f"{path}: primary must map each task ({', '.join(TASKS)}) to one read-out; got {prim!r}")
+    prim = {t: [v] if isinstance(v, str) else v for t, v in prim.items()}
+    for t, v in prim.items():
+        if not isinstance(v, list) or not v or not all(isinstance(c, str) for c in v) or len(set(v)) != len(v):
+            raise ValueError(f"{path}: primary.{t}={v!r}: expected a read-out or a list of distinct read-outs")
+    cands = [c for v in prim.values() for c in v]
+    if len(set(cands)) != len(cands): raise ValueError(f"{path}: primary names a read-out for two tasks: {cands}")
     if not isinstance(sec, list): raise ValueError(f"{path}: secondary={sec!r}: expected a list of read-outs")
-    for c in [*prim.values(), *sec]:
+    for c in [*cands, *sec]:
         if columns is not None and c not in set(columns):
             raise ValueError(f"{path}: read-out {c!r} is not a column of Table 1; expected one of: "
                              f"{', '.join(dict.fromkeys(columns))}")
-    plan['secondary'] = [c for c in sec if c not in prim.values()]
+    plan['primary'] = prim
+    plan['secondary'] = [c for c in sec if c not in cands]
     return plan
 
 # %% ../nbs/09c_analysis.ipynb #acc4b9e5
@@ -267,25 +274,28 @@ def plan_verdicts(
 )->tuple[pd.DataFrame, pd.DataFrame]: # (one verdict per read-out, the gate table)
     "Every read-out the plan names, tested as the plan says: primary read-outs Holm-corrected across the four tasks."
     alpha, level, seeds = plan['alpha'], plan['level'], plan['seeds']
-    cols = [*plan['primary'].values(), *plan['secondary']]
+    prim = {t: [v] if isinstance(v, str) else list(v) for t, v in plan['primary'].items()}
+    cols = [*(c for v in prim.values() for c in v), *plan['secondary']]
     g = (gate(long_gate, plan['gate_seeds'], level=level, columns=cols) if len(long_gate)
          else pd.DataFrame(columns=['column', 'passes', 'below']))
     gated = {c: (True if ok else 'below' if lo else False) for c, ok, lo in zip(g.column, g.passes, g.below)}
+    chosen = {t: next((c for c in v if gated.get(c) is True), v[0]) for t, v in prim.items()}
     tests = {c: pair_tests(long, c, seeds, level) for c in cols if c in set(long.column)}
     none = dict(p=1., agree=False, p_rev=1., rev_agree=False)  # not gated: never rejected
     raw = {c: ordering_p(pt, alpha) if gated.get(c) is True else none for c, pt in tests.items()}
-    fam = {t: raw.get(c, none) for t, c in plan['primary'].items()}
+    fam = {t: raw.get(c, none) for t, c in chosen.items()}
     h_ord, h_rev = holm({t: v['p'] for t, v in fam.items()}), holm({t: v['p_rev'] for t, v in fam.items()})
     out = []
     for c, pt in tests.items():
         task = long[long.column == c].task.iloc[0]
-        primary = plan['primary'].get(task) == c
+        primary = chosen.get(task) == c
+        role = 'primary' if primary else 'passed over' if c in prim.get(task, []) else 'secondary'
         test = {**raw[c], 'p': h_ord[task], 'p_rev': h_rev[task]} if primary else raw[c]
         w = wide(long, c, seeds)
         neg = [r for r in PAPER_ORDER if (t := paired_t(paired_diff(w, RANDOM_ROW, r), 'two-sided', level))['n'] >= 2
                and t['high'] < 0]
         n = int(pt.n.min())
-        out.append(dict(task=task, column=c, role='primary' if primary else 'secondary', gate=gated.get(c) is True, n=n,
+        out.append(dict(task=task, column=c, role=role, gate=gated.get(c) is True, n=n,
                         p_order=test['p'], exact_agrees=test['agree'], p_reverse=test['p_rev'],
                         negative_transfer=', '.join(neg),
                         verdict=verdict_text(gated.get(c), n, test, pt, neg, alpha, corrected=primary)))

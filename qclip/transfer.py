@@ -57,7 +57,7 @@ class TokenDense(nn.Module):
                      F.interpolate(self.pos, size=m.shape[-2:], mode='bilinear', align_corners=False))
         return self.head(m)
 
-# %% ../nbs/08d_transfer.ipynb #ca032f66
+# %% ../nbs/08d_transfer.ipynb #bea33a31
 class SceneMaps(Dataset):
     "Built-in scenes -> (uint8 image [3, H, W], its `key` map [H, W]); image and map flipped together half the time."
     def __init__(self, arrays:dict, key:str): self.a, self.key = arrays, check_choice('key', key, ('seg', 'inst'))
@@ -68,7 +68,7 @@ class SceneMaps(Dataset):
         flip = seed is not None and np.random.default_rng(seed).random() < 0.5
         return (x.flip(-1), t.flip(-1)) if flip else (x, t)
 
-# %% ../nbs/08d_transfer.ipynb #c9bbc4a3
+# %% ../nbs/08d_transfer.ipynb #710b8aea
 @torch.no_grad()
 def _outputs(model:nn.Module, val:Dataset, norm, dev, precision:str, batch_size:int=256):
     "(outputs, targets) of each batch of this rank's share of `val`, in eval mode, on the CPU."
@@ -78,7 +78,7 @@ def _outputs(model:nn.Module, val:Dataset, norm, dev, precision:str, batch_size:
             with autocast(dev, precision): yield model(norm(x.to(dev))).float().cpu(), t
     finally: model.train(was)
 
-# %% ../nbs/08d_transfer.ipynb #36ee4700
+# %% ../nbs/08d_transfer.ipynb #51812f14
 def eval_seg(model:nn.Module, val:Dataset, norm, dev, precision:str='fp32', num_classes:int=len(CLASSES))->dict:
     "mIoU and mAcc (%) of the per-pixel argmax over `val` (confusion matrices summed over the ranks)."
     cm = torch.zeros(num_classes * num_classes, dtype=torch.float64)
@@ -90,7 +90,7 @@ def eval_seg(model:nn.Module, val:Dataset, norm, dev, precision:str='fp32', num_
     iou, acc = inter / (gts + preds - inter), inter / gts
     return dict(mIoU=100 * iou[~iou.isnan()].mean().item(), mAcc=100 * acc[~acc.isnan()].mean().item())
 
-# %% ../nbs/08d_transfer.ipynb #f1adad30
+# %% ../nbs/08d_transfer.ipynb #9544abe2
 def _gather(obj)->list:
     "Every rank's `obj`, in rank order (a one-item list on one process)."
     if rank_world()[1] == 1: return [obj]
@@ -106,7 +106,7 @@ def eval_box(model:nn.Module, val:Dataset, norm, dev, precision:str='fp32', nms_
     dets, gts = [sum(x, []) for x in zip(*_gather((dets, gts)))]
     return box_ap(dets, gts)
 
-# %% ../nbs/08d_transfer.ipynb #74a64904
+# %% ../nbs/08d_transfer.ipynb #0dc3dfce
 class BoxLoss(nn.Module):
     """FCOS-style loss of [N, 5, h, w] predictions against instance maps: binary cross-entropy of each cell's object
     share, plus L1 of its box edge distances where the cell is mostly one object."""
@@ -117,10 +117,10 @@ class BoxLoss(nn.Module):
               else pred[:, 1:].sum() * 0)
         return F.binary_cross_entropy_with_logits(pred[:, :1], obj) + l1
 
-# %% ../nbs/08d_transfer.ipynb #04ce9bfc
+# %% ../nbs/08d_transfer.ipynb #07e61853
 TRANSFER_TASKS = {'classification': 'cls', 'segmentation': 'seg', 'depth': 'depth', 'detection': 'box'}  # -> key prefix
 
-# %% ../nbs/08d_transfer.ipynb #d44b8ab0
+# %% ../nbs/08d_transfer.ipynb #ff0750d6
 TRANSFER_DEFAULTS = dict(_COMMON,
     encoder='tiny-vit-p16', # 10_pretrain folder, image-tower checkpoint, or an arch (random init)
     tasks='classification,segmentation,depth,detection',  # which of TRANSFER_TASKS, comma-separated
@@ -146,7 +146,7 @@ TRANSFER_DEFAULTS = dict(_COMMON,
     log_every=10, ckpt_every=50,
     out_dir='runs/transfer')
 
-# %% ../nbs/08d_transfer.ipynb #b2a236db
+# %% ../nbs/08d_transfer.ipynb #10d8771e
 def check_transfer_params(**params)->dict:
     "Defaults merged with `params`, each checked; `seed` and `synth_seed` of -1 resolved from the encoder."
     p = dict(params)
@@ -174,7 +174,7 @@ def check_transfer_params(**params)->dict:
         raise ValueError(f"label_smoothing={p['label_smoothing']!r} is not valid; expected a number in [0, 1)")
     return p
 
-# %% ../nbs/08d_transfer.ipynb #b94dc834
+# %% ../nbs/08d_transfer.ipynb #0ef3fa16
 _ARRAYS = {}
 
 def _scenes(p:dict)->tuple[dict, dict]:
@@ -198,7 +198,7 @@ def _tower(p:dict, size:int)->nn.Module:
     if p['drop_path']: set_drop_path(tower, p['drop_path'])
     return tower
 
-# %% ../nbs/08d_transfer.ipynb #80d57e91
+# %% ../nbs/08d_transfer.ipynb #372fa624
 def transfer_task(name:str, p:dict)->Task:
     "The `Task` of one of `TRANSFER_TASKS` on the built-in scenes for checked parameters `p`."
     tr, va = _scenes(p)
@@ -227,14 +227,14 @@ def transfer_task(name:str, p:dict)->Task:
                     lambda m, dev: eval_box(m, val, norm, dev, prec), 'AP', 'box AP (%)', summary)
     check_choice('task', name, TRANSFER_TASKS)
 
-# %% ../nbs/08d_transfer.ipynb #527a0c34
+# %% ../nbs/08d_transfer.ipynb #e4c1fdfe
 class DepthTokens(nn.Module):
     "`TokenDense` depth of every pixel, `sigmoid x max_depth` metres (the paper's depth decoder's output, Table 15)."
     def __init__(self, tower:nn.Module, max_depth:float=10., pos:tuple|None=None):
         super().__init__(); self.dense, self.max_depth = TokenDense(tower, 1, pos=pos), max_depth
     def forward(self, x:Tensor)->Tensor: return self.dense(x).sigmoid() * self.max_depth  # (N, 1, H, W)
 
-# %% ../nbs/08d_transfer.ipynb #b187cd0a
+# %% ../nbs/08d_transfer.ipynb #a6110922
 def _figure(p:dict, out:Path, k:int=4):
     "Validation scenes with the ground truth and each fine-tuned dense model's prediction, from its saved weights."
     import matplotlib.pyplot as plt, matplotlib.patches as mpatches  # the caller's backend: no switch to Agg
@@ -256,15 +256,15 @@ def _figure(p:dict, out:Path, k:int=4):
         task = transfer_task('detection', p); task.model.load_state_dict(load_file(out/'detection'/'model.safetensors'))
         with torch.no_grad(): y = task.model.eval()(task.norm(va['images'][:k]))
         for i, (b, s) in enumerate(decode_boxes(y[:, 0], y[:, 1:], tuple(va['images'].shape[-2:]))):
-            for (x0, y0, x1, y1), sc in zip(b.tolist(), s.sigmoid().tolist()):
-                if sc > 0.3: ax[i, 0].add_patch(mpatches.Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, lw=1,
-                                                                    ec='w', alpha=min(1., sc + 0.2)))
-        ax[0, 0].set_title('image, boxes (score > 0.3)', fontsize=8)
+            for (x0, y0, x1, y1), sc in list(zip(b.tolist(), s.sigmoid().tolist()))[:6]:  # the best 6, after NMS
+                if sc > 0.5: ax[i, 0].add_patch(mpatches.Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, lw=1,
+                                                                    ec='w', alpha=sc))
+        ax[0, 0].set_title('image, boxes (score > 0.5)', fontsize=8)
     fig.tight_layout()
     with atomic_path(out/'transfer.png') as tmp: fig.savefig(tmp, format='png', dpi=100)
     plt.close(fig)
 
-# %% ../nbs/08d_transfer.ipynb #8e733289
+# %% ../nbs/08d_transfer.ipynb #388b1c77
 _KEEP = ('top1', 'top5', 'mIoU', 'mAcc', 'rmse', 'abs_rel', 'd1', 'silog', 'AP', 'AP50', 'AP75')
 
 def _transfer(p:dict)->dict:
@@ -282,7 +282,7 @@ def _transfer(p:dict)->dict:
     _ARRAYS.clear()
     return res
 
-# %% ../nbs/08d_transfer.ipynb #67f185fb
+# %% ../nbs/08d_transfer.ipynb #c2d3553a
 def transfer_encoder(**params)->dict:
     "Miniature fine-tuning of an encoder on the four tasks (see `TRANSFER_DEFAULTS`); writes into `out_dir`."
     return run_job(transfer_encoder, check_transfer_params(**params), _transfer)
