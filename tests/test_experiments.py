@@ -50,7 +50,7 @@ def test_sweeps_at_full_scale_one_point_in_the_cpu_and_gpu_profiles():
         for profile in [p for p in (read_spec(spec).get('profiles') or {}) if p in ('small', 'gpu')]:
             swept = [r['name'] for r in load_experiment(spec, profile)['runs'] if {'lr', 'drop_path'} & set(r['values'])]
             assert not swept, f"{spec.name} [{profile}] sweeps: {swept[:3]}"
-    assert len(load_experiment(ROOT/'experiments'/'table1.yaml', 'small')['runs']) == 40
+    assert len(load_experiment(ROOT/'experiments'/'table1.yaml', 'small')['runs']) == 40  # 4 rows x 5 seeds x (pretraining, probes)
     full = load_experiment(ROOT/'experiments'/'table1.yaml')['runs']
     per = lambda stage: {r['params']['encoder']: 0 for r in full if r['stage'] == stage}
     for stage, n in [('detection', 21), ('segmentation', 15), ('depth', 20)]:
