@@ -454,23 +454,29 @@ def plot_summary(
                                    gridspec_kw=dict(width_ratios=[1, 1.4]))
     pairs = [(RANDOM_ROW, 'DataCompDR', ax0, 'k', 0.)] + [
         (a, b, ax1, c, dy) for (a, b), c, dy in zip(PAIRS, ('C0', 'C1', 'C2'), (-0.22, 0., 0.22))]
+    ends = [-1., 1.]
     for y, col in enumerate(cols):
         for a, b, ax, c, dy in pairs:
             r = rel(long_gate if ax is ax0 else long, col, plan['gate_seeds'] if ax is ax0 else plan['seeds'], a, b)
             if r is None: continue
-            ok = r['low'] > 0 or r['high'] < 0
+            ok, ends = r['low'] > 0 or r['high'] < 0, ends + [r['low'], r['high']]
             ax.errorbar(r['mean'], y + dy, xerr=[[r['mean'] - r['low']], [r['high'] - r['mean']]], fmt='o', color=c,
                         mfc=c if ok else 'white', capsize=2, ms=5, label=f'{b} - {a}' if y == 0 else None)
-    for ax in (ax0, ax1): ax.axvline(0, color='grey', ls='--', lw=0.8)
+    # symmetric log: a 2% depth gain and a 20,000% retrieval gain on one readable axis, limits at powers of 10
+    lim = [-10. ** math.ceil(math.log10(-min(ends))), 10. ** math.ceil(math.log10(max(ends)))]
+    ticks = [t for t in (-1e4, -1e3, -100, -10, -1, 0, 1, 10, 100, 1e3, 1e4, 1e5, 1e6) if lim[0] <= t <= lim[1]]
+    for ax in (ax0, ax1):
+        ax.axvline(0, color='grey', ls='--', lw=0.8); ax.set_xscale('symlog', linthresh=1.); ax.set_xlim(lim)
+        ax.set_xticks(ticks, [f'{t / 1e3:g}k' if abs(t) >= 1e3 else f'{t:g}' for t in ticks], fontsize=7)
     v = verdicts.set_index('column')
     short = lambda s: s.split(' at toy scale')[0].split(':')[0].replace('not measurable', 'not measurable (gate)')
     ax0.set_yticks(range(len(cols)), [f"{c} [{v.loc[c, 'role']}]" for c in cols], fontsize=8); ax0.invert_yaxis()
     for y, c in enumerate(cols): ax1.annotate(short(v.loc[c, 'verdict']), (1.01, y), xycoords=('axes fraction', 'data'),
                                               fontsize=7, va='center')
-    ax0.set_title(f"positive control: DataCompDR - random init\n(gate seeds {plan['gate_seeds']})", fontsize=9)
-    ax1.set_title(f"caption quality: paired differences (Table 1 seeds, n = {len(plan['seeds'])})", fontsize=9)
+    ax0.set_title(f"positive control: DataCompDR - random init\n(gate seeds, n = {len(plan['gate_seeds'])})", fontsize=9)
+    ax1.set_title(f"caption quality: paired differences\n(Table 1 seeds, n = {len(plan['seeds'])})", fontsize=9)
     for ax in (ax0, ax1): ax.set_xlabel("% of random init's value (RMSE: its decrease)", fontsize=8)
-    ax1.legend(fontsize=7, loc='lower right')
+    ax1.legend(fontsize=7, loc='upper center', bbox_to_anchor=(0.5, -0.16), ncol=3, frameon=False)
     if title: fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     if path: _save(fig, path)
