@@ -61,9 +61,10 @@ export: $(STAMP)
 	$(MAKE) --no-print-directory readme
 	@git diff --quiet -- qclip README.md || { echo "qclip/ or README.md is out of step with nbs/: run make export and commit"; git --no-pager diff --stat -- qclip README.md; exit 1; }
 
-# README.md is nbs/index.ipynb as markdown (nbdev_readme needs Quarto, which these machines cannot install)
+# README.md is nbs/index.ipynb as markdown (nbdev_readme needs Quarto, which these machines cannot install), its
+# images (nbs/images/) linked from the repository's root
 readme: $(STAMP)
-	$(BIN)/jupyter nbconvert --to markdown --stdout nbs/index.ipynb 2>/dev/null > README.md.tmp && mv README.md.tmp README.md
+	$(BIN)/jupyter nbconvert --to markdown --stdout nbs/index.ipynb 2>/dev/null | sed 's#](images/#](nbs/images/#g' > README.md.tmp && mv README.md.tmp README.md
 
 nbtest: $(MM_STAMP)
 	$(BIN)/nbdev_test --n_workers 2 --flags mm

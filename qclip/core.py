@@ -209,7 +209,7 @@ def plot_curves(
     chance:float|None=None,       # a dashed 'chance' line on the right
 )->Path|None:                     # `path`, or None when no loss was logged
     "Training loss and held-out `metrics` against step, side by side (seaborn), saved atomically."
-    import matplotlib; matplotlib.use('Agg')
+    import matplotlib  # the caller's backend (no switch to Agg: inline display in a notebook stays on)
     import matplotlib.pyplot as plt, seaborn as sns, pandas as pd
     df = pd.DataFrame(rows)
     if df.empty or 'loss' not in df: return None

@@ -8,7 +8,7 @@ import json, math, sys
 from pathlib import Path
 from types import SimpleNamespace
 import torch, torch.nn as nn, yaml
-from .core import MetricsLog, atomic_write_text, save_checkpoint, load_checkpoint, check_choice, progress_bar
+from .core import MetricsLog, _strict, atomic_write_text, save_checkpoint, load_checkpoint, check_choice, progress_bar
 from .distributed import rank_world, barrier
 from .models import save_weights
 from .tracking import Tracker
@@ -29,13 +29,8 @@ def run_device(name:str='auto')->torch.device:
 
 # %% ../nbs/05b_harness.ipynb #44d81f04
 def finite_json(obj)->str:
-    "`obj` as indented JSON with every NaN or infinity written as null: strict JSON that any reader parses."
-    def clean(x):
-        if isinstance(x, float) and not math.isfinite(x): return None
-        if isinstance(x, dict): return {k: clean(v) for k, v in x.items()}
-        if isinstance(x, (list, tuple)): return [clean(v) for v in x]
-        return x
-    return json.dumps(clean(obj), indent=1, allow_nan=False)
+    "`obj` as indented JSON with every NaN or infinity written as null (as `MetricsLog` rows): strict JSON."
+    return json.dumps(_strict(obj), indent=1, allow_nan=False)
 
 # %% ../nbs/05b_harness.ipynb #9d8597ec
 def write_results(path, summary:dict)->Path:

@@ -614,7 +614,7 @@ def mm_losses(work_dir)->list[dict]:
 # %% ../nbs/08b_mm.ipynb #de428d9d
 def plot_losses(work_dir, path, title:str='')->Path:
     "Seaborn plot of the training loss (total and its parts) from `work_dir`'s logs, saved atomically to `path`."
-    import pandas as pd, seaborn as sns, matplotlib; matplotlib.use('Agg', force=False)
+    import pandas as pd, seaborn as sns  # the caller's backend (no switch to Agg)
     import matplotlib.pyplot as plt
     from qclip.core import atomic_path
     df = pd.DataFrame(mm_losses(work_dir))

@@ -387,7 +387,7 @@ def _models(p:dict)->tuple[nn.Module, nn.Module|None, str]:
 # %% ../nbs/08c_probes.ipynb #cd224a54
 def _figure(arrays:dict, seg_pred:Tensor|None, depth_pred:Tensor|None, path, n:int=4):
     "Validation images with the ground truth and the probes' segmentation and depth."
-    import matplotlib; matplotlib.use('Agg')
+    import matplotlib  # the caller's backend (no switch to Agg)
     import matplotlib.pyplot as plt
     cols = [('image', arrays['images'][:n].permute(0, 2, 3, 1), None), ('classes', arrays['seg'][:n], 'tab10'),
             ('probe classes', seg_pred, 'tab10'), ('depth', arrays['depth'][:n, 0], 'viridis_r'),

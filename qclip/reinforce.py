@@ -16,7 +16,7 @@ from .data.shards import (DATASETS, BadCounter, BadSample, BadDataError, IMAGE_K
                                ShardStream, make_loader, dataset_spec, train_transform, stored_path, local_path)
 from .data.augment import open_image, crop_resize, center_box, rrc_box, normalize_batch
 from .distributed import rank_world, barrier, dist_env, run_job
-from .harness import run_device, write_results
+from .harness import run_device, write_results, DivergedError, likely_cause
 from .tracking import Tracker, check_report_to
 
 # %% auto #0
@@ -370,6 +370,8 @@ def train_coca(**params)->dict:
     p = {**COCA_TRAIN_DEFAULTS, **params}; p['out_dir'] = str(p['out_dir'])
     for k in ['steps', 'warmup', 'seed', 'workers']: p[k] = check_positive(k, p[k], allow_zero=True)
     for k in ['batch_size', 'synth_n', 'synth_size', 'log_every', 'ckpt_every']: p[k] = check_positive(k, p[k])
+    for k in ['lr', 'min_lr', 'weight_decay', 'grad_clip', 'caption_loss_weight', 'clip_loss_weight']:
+        p[k] = check_positive(k, p[k], float, allow_zero=k != 'lr')  # NaN and infinity refused too
     COCA_MODELS[p['model']]; DATASETS[p['dataset']]
     out, dev = Path(p['out_dir']), run_device(p['device'])
     w = out/'model.safetensors'
@@ -401,16 +403,21 @@ def train_coca(**params)->dict:
                 o = model(images.to(dev), texts[:, 0].to(dev))
                 closs, capl = loss_fn(o['image_features'].float(), o['text_features'].float(), o['logits'].float(),
                                       o['labels'], o['logit_scale'])
+            cl, cp = float(closs.detach()), float(capl.detach())
+            if not (math.isfinite(cl) and math.isfinite(cp)):  # stop at once, as pretraining does
+                kept = f"the last finite checkpoint {ck} is kept" if ck.exists() else "no checkpoint of this run was written"
+                raise DivergedError(f"CoCa training diverged: contrastive_loss={cl}, caption_loss={cp} at step {step + 1}; "
+                                    f"stopped, {kept}; {likely_cause(p, COCA_TRAIN_DEFAULTS)}")
             opt.zero_grad(set_to_none=True); (closs + capl).backward()
             if p['grad_clip']: nn.utils.clip_grad_norm_(model.parameters(), p['grad_clip'])
             opt.step()
             with torch.no_grad(): model.logit_scale.clamp_(0, math.log(100))
             step += 1; bar.update(1)
             if step % p['log_every'] == 0 or step == p['steps']:
-                row = dict(step=step, contrastive_loss=float(closs), caption_loss=float(capl),
+                row = dict(step=step, contrastive_loss=cl, caption_loss=cp,
                            lr=opt.param_groups[0]['lr'])
                 log.append(**row); tracker.log(row)
-                bar.set_postfix(caption_loss=f'{float(capl):.3f}')
+                bar.set_postfix(caption_loss=f'{cp:.3f}')
         save_checkpoint(dict(step=step, model=model.state_dict(), optimizer=opt.state_dict(), params=p), ck)
     bar.close(); tracker.close()
     save_weights(model, w)
@@ -746,7 +753,7 @@ def examples(
 # %% ../nbs/09a_reinforce.ipynb #2d721c57
 def plot_examples(out_dir, path=None, k:int=8, split:str='train', params:dict|None=None):
     "Images with their ground-truth and first synthetic caption (a matplotlib figure, saved to `path` if given)."
-    import matplotlib; matplotlib.use('Agg')
+    import matplotlib  # the caller's backend (no switch to Agg)
     import matplotlib.pyplot as plt, textwrap
     rows = examples(out_dir, k, split, params)
     fig, axs = plt.subplots(1, len(rows), figsize=(2.6 * len(rows), 3.6), squeeze=False)

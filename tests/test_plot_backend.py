@@ -29,6 +29,17 @@ df = pd.DataFrame(dict(dataset=['a', 'b', 'c'], caption_source='gt', clip_score=
                        **{'IN-1K Linear': [.1, .3, .2]})).set_index(['dataset', 'caption_source'])
 plot_quality_vs_transfer(df, PATH, measures=('clip_score', 'words'))
 """,
+    'core.plot_curves': """
+from qclip.core import plot_curves
+plot_curves([dict(step=s, loss=1. / s, top1=s / 10.) for s in range(1, 6)], PATH, ['top1'], 'held-out')
+""",
+    'probes._figure': """
+import torch
+from qclip.probes import _figure
+a = dict(images=torch.randint(0, 255, (4, 3, 16, 16), dtype=torch.uint8), seg=torch.randint(0, 9, (4, 16, 16)),
+         depth=torch.rand(4, 1, 16, 16) * 10)
+_figure(a, a['seg'], a['depth'][:, 0], PATH)
+""",
 }
 
 @pytest.mark.parametrize('case', list(CASES))

@@ -63,18 +63,22 @@ def _strict_json(path):
     return json.loads(Path(path).read_text(), parse_constant=refuse)
 
 
-def test_results_json_strict_when_coca_loss_is_nan(tmp_path, monkeypatch):
-    "A CoCa whose loss went NaN: its results.json still parses as strict JSON, the loss null."
-    import torch
+def test_coca_training_stops_when_its_loss_is_not_finite(tmp_path, monkeypatch):
+    "A CoCa whose loss goes NaN stops at that step with one line (as pretraining does): no weights, no results.json."
+    import pytest, torch
     from open_clip.loss import CoCaLoss
+    from qclip.harness import DivergedError
     from qclip.reinforce import train_coca
     nan = lambda self, *a, **k: (torch.tensor(float('nan'), requires_grad=True),) * 2
     monkeypatch.setattr(CoCaLoss, 'forward', nan)
-    res = train_coca(steps=1, batch_size=4, warmup=0, synth_n=16, ckpt_every=1, log_every=1, workers=0,
-                     out_dir=tmp_path/'coca', device='cpu')
-    assert res['caption_loss'] != res['caption_loss']  # NaN in what the job returns ...
-    r = _strict_json(tmp_path/'coca'/'results.json')
-    assert (r['caption_loss'], r['contrastive_loss'], r['steps']) == (None, None, 1)  # ... null in the file
+    with pytest.raises(DivergedError, match=r'CoCa training diverged: contrastive_loss=nan, caption_loss=nan at step 1; '
+                                            r'stopped, no checkpoint of this run was written'):
+        train_coca(steps=2, batch_size=4, warmup=0, synth_n=16, ckpt_every=1, log_every=1, workers=0,
+                   out_dir=tmp_path/'coca', device='cpu')
+    assert not (tmp_path/'coca'/'results.json').exists() and not (tmp_path/'coca'/'model.safetensors').exists()
+    for k, v in [('lr', float('inf')), ('weight_decay', float('nan')), ('grad_clip', -1.)]:  # refused before it starts
+        with pytest.raises(ValueError, match=k):
+            train_coca(**{k: v}, steps=1, synth_n=16, out_dir=tmp_path/'coca2', device='cpu')
 
 
 def test_results_json_strict_when_a_measure_is_infinite(tmp_path, monkeypatch):
