@@ -70,7 +70,7 @@ nbtest: $(MM_STAMP)
 	$(BIN)/nbdev_test --n_workers 2 --flags mm
 
 pytest: $(MM_STAMP)
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -rs tests
 
 test: export nbtest pytest
 
